@@ -1,0 +1,379 @@
+"""The raylet's I/O shell: a single-threaded selectors loop over Unix sockets.
+
+Clients (drivers, and workers that submit nested tasks) and the node's
+workers all speak framed msgpack (libclient.protocol) on one listening
+socket. The policy lives in ``LeaseScheduler``; this module only moves bytes,
+pairs grants with idle workers, and watches processes.
+
+Messages handled (``t``):
+  hello         {kind: driver|worker, pid, worker_id?}      -> node info
+  lease         {r, res}                  -> later: {r, ok, lease_id, worker...}
+  cancel_lease  {lease_r}                 -> drops a queued request
+  return_lease  {lease_id, kill}          -> worker back to idle (or killed)
+  blocked / unblocked {}                  -> a worker's task waits in get
+  resources     {r}                       -> {total, available}
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemons.raylet.resources import GpuInstances, ResourceSet
+from daemons.raylet.scheduler import Infeasible, LeaseRequest, LeaseScheduler
+from daemons.raylet.worker_pool import IDLE, LEASED, Worker, WorkerPool
+from libclient.protocol import FrameDecoder, ProtocolError, field as mfield, pack
+
+_HEARTBEAT_S = 1.0
+_CPU = ("CPU",)
+
+
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    cid: int
+    decoder: FrameDecoder = field(default_factory=FrameDecoder)
+    out: bytearray = field(default_factory=bytearray)
+    kind: str = ""
+    worker: Worker | None = None
+    leases: set[int] = field(default_factory=set)
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class _Lease:
+    lease_id: int
+    holder: _Conn
+    worker: Worker
+    demand: ResourceSet
+    gpus: list[int]
+    blocked: bool = False
+
+
+class Raylet:
+    def __init__(self, *, listen: socket.socket, socket_path: str, node_id: bytes,
+                 resources: dict[str, float], gpus: list[dict[str, Any]], pool: WorkerPool,
+                 store_socket: str, gcs: Any, gcs_address: str, log: Any,
+                 max_workers: int, wake_fd: int) -> None:
+        self.listen = listen
+        self.socket_path = socket_path
+        self.node_id = node_id
+        self.total = ResourceSet.of(resources)
+        self.scheduler = LeaseScheduler(self.total)
+        self.gpu_instances = GpuInstances(int(resources.get("GPU", 0)))
+        self.gpus = gpus
+        self.pool = pool
+        self.store_socket = store_socket
+        self.gcs = gcs
+        self.gcs_address = gcs_address
+        self.log = log
+        self.max_workers = max_workers
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(listen, selectors.EVENT_READ, None)
+        self.sel.register(wake_fd, selectors.EVENT_READ, "wake")
+        self.conns: dict[int, _Conn] = {}
+        self.leases: dict[int, _Lease] = {}
+        # Granted requests waiting for a worker: (request, conn, lease_r, gpus).
+        self.awaiting: list[tuple[LeaseRequest, _Conn, list[int]]] = []
+        self.request_conn: dict[tuple[int, int], _Conn] = {}
+        self._next_cid = 0
+        self._next_lease = 0
+        self._last_heartbeat = 0.0
+        self.prestart = int(resources.get("CPU", 0))
+
+    # ---- lifecycle -------------------------------------------------------
+    def start_workers(self) -> None:
+        for _ in range(self.prestart):
+            self.pool.start()
+
+    def run(self, stop: Any) -> None:
+        while not stop.stopping:
+            for key, events in self.sel.select(timeout=0.1):
+                if key.data is None:
+                    self._accept()
+                elif key.data == "wake":
+                    try:
+                        os.read(key.fd, 64)
+                    except BlockingIOError:
+                        pass
+                else:
+                    conn = key.data
+                    if events & selectors.EVENT_READ:
+                        self._on_readable(conn)
+                    if events & selectors.EVENT_WRITE and not conn.closed:
+                        self._flush(conn)
+            self._housekeeping()
+
+    def close(self) -> None:
+        for conn in list(self.conns.values()):
+            self._close(conn, "raylet stopping")
+        self.pool.stop_all()
+        self.sel.close()
+        self.listen.close()
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+
+    # ---- connections ------------------------------------------------------
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listen.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        self._next_cid += 1
+        conn = _Conn(sock, self._next_cid)
+        self.conns[conn.cid] = conn
+        self.sel.register(sock, selectors.EVENT_READ, conn)
+
+    def _on_readable(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close(conn, f"recv failed: {exc}")
+            return
+        if not data:
+            self._close(conn, "peer closed")
+            return
+        conn.decoder.feed(data)
+        while not conn.closed:
+            try:
+                msg = conn.decoder.next()
+            except ProtocolError as exc:
+                self.log.warning("bad_message", conn=conn.cid, error=str(exc))
+                self._send(conn, {"t": "error", "ok": False, "error": str(exc)})
+                self._flush(conn)
+                self._close(conn, "protocol error")
+                return
+            if msg is None:
+                return
+            try:
+                self._dispatch(conn, msg)
+            except ProtocolError as exc:
+                self.log.warning("bad_request", conn=conn.cid, type=msg.get("t"), error=str(exc))
+                self._send(conn, {"r": msg.get("r") if isinstance(msg.get("r"), int) else None,
+                                  "ok": False, "error": str(exc)})
+
+    def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        if conn.closed:
+            return
+        was_empty = not conn.out
+        conn.out += pack(msg)
+        if was_empty:
+            self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        try:
+            n = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self._close(conn, f"send failed: {exc}")
+            return
+        del conn.out[:n]
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+        self.sel.modify(conn.sock, mask, conn)
+
+    def _close(self, conn: _Conn, why: str) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self.conns.pop(conn.cid, None)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        self.log.info("client_closed", conn=conn.cid, kind=conn.kind, reason=why)
+        self.scheduler.cancel(conn.cid)
+        self.awaiting = [a for a in self.awaiting if a[1] is not conn or self._unreserve(a)]
+        # A holder that vanished may have left tasks running: kill its workers.
+        for lease_id in list(conn.leases):
+            self._end_lease(lease_id, kill=True)
+        if conn.worker is not None:
+            self._worker_gone(conn.worker)
+        self._schedule()
+
+    def _unreserve(self, item: tuple[LeaseRequest, _Conn, list[int]]) -> bool:
+        req, _conn, gpus = item
+        self.scheduler.release(req.demand)
+        self.gpu_instances.release(gpus, req.demand.get("GPU"))
+        return False
+
+    # ---- messages ---------------------------------------------------------
+    def _dispatch(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t == "lease":
+            self._on_lease(conn, msg)
+        elif t == "return_lease":
+            lease_id = mfield(msg, "lease_id", int)
+            if lease_id in conn.leases:
+                self._end_lease(lease_id, kill=bool(msg.get("kill", False)))
+                self._schedule()
+        elif t == "cancel_lease":
+            rid = mfield(msg, "lease_r", int)
+            for req in self.scheduler.cancel(conn.cid, rid):
+                self._send(conn, {"r": req.request_id, "ok": False, "error": "cancelled"})
+        elif t == "blocked" or t == "unblocked":
+            self._on_blocked(conn, t == "blocked")
+        elif t == "hello":
+            self._on_hello(conn, msg)
+        elif t == "resources":
+            self._send(conn, {"r": mfield(msg, "r", int), "ok": True,
+                              "total": self.total.to_dict(),
+                              "available": self.scheduler.available.to_dict()})
+        elif t == "ping":
+            self._send(conn, {"r": mfield(msg, "r", int), "ok": True})
+        else:
+            raise ProtocolError(f"unknown message type {t!r}")
+
+    def _on_hello(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        kind = mfield(msg, "kind", str)
+        if kind not in ("driver", "worker"):
+            raise ProtocolError(f"unknown client kind {kind!r}")
+        conn.kind = kind
+        if kind == "worker":
+            wid = mfield(msg, "worker_id", bytes)
+            worker = self.pool.workers.get(wid)
+            if worker is None:
+                raise ProtocolError("unknown worker id")
+            worker.conn = conn
+            worker.state = IDLE
+            conn.worker = worker
+            self.log.info("worker_registered", worker_id=wid.hex(), worker_pid=worker.pid)
+        self._send(conn, {"r": mfield(msg, "r", int), "ok": True, "node_id": self.node_id,
+                          "store_socket": self.store_socket, "gcs_address": self.gcs_address,
+                          "resources": self.total.to_dict(), "gpus": self.gpus})
+        if kind == "worker":
+            self._schedule()
+
+    def _on_lease(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        rid = mfield(msg, "r", int)
+        res = mfield(msg, "res", dict)
+        try:
+            demand = ResourceSet.of(res)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        req = LeaseRequest(rid, conn.cid, demand)
+        result = self.scheduler.submit(req)
+        if isinstance(result, Infeasible):
+            self.log.warning("lease_infeasible", reason=result.reason)
+            self._send(conn, {"r": rid, "ok": False, "error": "infeasible",
+                              "msg": result.reason})
+            return
+        self.request_conn[(conn.cid, rid)] = conn
+        self._schedule()
+
+    def _on_blocked(self, conn: _Conn, blocked: bool) -> None:
+        worker = conn.worker
+        if worker is None or worker.lease_id is None:
+            return
+        lease = self.leases.get(worker.lease_id)
+        if lease is None or lease.blocked == blocked:
+            return
+        lease.blocked = blocked
+        cpu = lease.demand.only(_CPU)
+        if blocked:
+            self.scheduler.release(cpu)
+        else:
+            self.scheduler.acquire(cpu)
+        self._schedule()
+
+    # ---- scheduling -------------------------------------------------------
+    def _schedule(self) -> None:
+        for req in self.scheduler.schedule():
+            conn = self.request_conn.pop((req.client_id, req.request_id), None)
+            if conn is None or conn.closed:
+                self.scheduler.release(req.demand)
+                continue
+            gpus = self.gpu_instances.acquire(req.demand.get("GPU"))
+            if gpus is None:  # fractional packing failed although the total fits
+                self.scheduler.release(req.demand)
+                self.scheduler.submit(req)
+                self.request_conn[(req.client_id, req.request_id)] = conn
+                continue
+            self.awaiting.append((req, conn, gpus))
+        self._assign_workers()
+
+    def _assign_workers(self) -> None:
+        while self.awaiting:
+            worker = self.pool.idle()
+            if worker is None:
+                starting = self.pool.count("STARTING")
+                if starting < len(self.awaiting) and len(self.pool.workers) < self.max_workers:
+                    self.pool.start()
+                return
+            req, conn, gpus = self.awaiting.pop(0)
+            self._next_lease += 1
+            lease = _Lease(self._next_lease, conn, worker, req.demand, gpus)
+            self.leases[lease.lease_id] = lease
+            conn.leases.add(lease.lease_id)
+            worker.state = LEASED
+            worker.lease_id = lease.lease_id
+            self._send(conn, {"r": req.request_id, "ok": True, "lease_id": lease.lease_id,
+                              "worker_id": worker.worker_id, "socket": worker.socket_path,
+                              "pid": worker.pid, "gpus": gpus})
+
+    def _end_lease(self, lease_id: int, kill: bool) -> None:
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return
+        lease.holder.leases.discard(lease_id)
+        demand = lease.demand.only(tuple(k for k in lease.demand.to_dict() if k != "CPU")) \
+            if lease.blocked else lease.demand
+        self.scheduler.release(demand)
+        self.gpu_instances.release(lease.gpus, lease.demand.get("GPU"))
+        worker = lease.worker
+        worker.lease_id = None
+        if worker.worker_id not in self.pool.workers:
+            return
+        if kill:
+            self.pool.kill(worker)
+        else:
+            worker.state = IDLE
+
+    def _worker_gone(self, worker: Worker) -> None:
+        if worker.lease_id is not None:
+            self._end_lease(worker.lease_id, kill=False)
+        self.pool.forget(worker)
+        try:
+            worker.proc.wait(timeout=0.5)
+        except Exception:
+            self.pool.kill(worker)
+            worker.proc.wait()
+        self.log.info("worker_exited", worker_id=worker.worker_id.hex(),
+                      worker_pid=worker.pid, returncode=worker.proc.returncode)
+        self._refill()
+
+    def _refill(self) -> None:
+        live = len(self.pool.workers)
+        for _ in range(max(0, self.prestart - live)):
+            self.pool.start()
+
+    # ---- periodic ---------------------------------------------------------
+    def _housekeeping(self) -> None:
+        for worker in self.pool.reap():
+            # Died before registering, or its connection is not closed yet.
+            if worker.conn is not None and not worker.conn.closed:
+                worker.conn.worker = None
+                self._close(worker.conn, "worker process exited")
+            if worker.lease_id is not None:
+                self._end_lease(worker.lease_id, kill=False)
+            self.log.info("worker_exited", worker_id=worker.worker_id.hex(),
+                          worker_pid=worker.pid, returncode=worker.proc.returncode)
+            self._refill()
+            self._schedule()
+        now = time.monotonic()
+        if now - self._last_heartbeat >= _HEARTBEAT_S and self.gcs is not None:
+            self._last_heartbeat = now
+            try:
+                self.gcs.heartbeat(self.node_id, self.scheduler.available.to_dict())
+            except Exception as exc:
+                self.log.warning("heartbeat_failed", error=str(exc))

@@ -1,0 +1,107 @@
+"""The raylet's worker processes: start, track, replace.
+
+Workers are ``python -m libclient.worker`` children. Each one dies with the
+raylet (PR_SET_PDEATHSIG), registers back over the raylet socket, and serves
+one lease holder at a time on its own Unix socket.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+STARTING = "STARTING"
+IDLE = "IDLE"
+LEASED = "LEASED"
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGKILL us
+    # when the raylet dies, so no worker outlives its node daemon.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Worker:
+    worker_id: bytes
+    proc: subprocess.Popen[bytes]
+    socket_path: str
+    state: str = STARTING
+    conn: Any = None
+    lease_id: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+@dataclass
+class WorkerPool:
+    """Starts workers and remembers them. I/O is only process spawning and reaping."""
+
+    argv_base: list[str]
+    socket_dir: str
+    env: dict[str, str]
+    workers: dict[bytes, Worker] = field(default_factory=dict)
+
+    def start(self) -> Worker:
+        worker_id = os.urandom(8)
+        path = os.path.join(self.socket_dir, f"w-{worker_id.hex()}.sock")
+        argv = [sys.executable, "-m", "libclient.worker", *self.argv_base,
+                "--worker-id", worker_id.hex(), "--socket", path]
+        proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with_parent,
+                                stdin=subprocess.DEVNULL, close_fds=True)
+        worker = Worker(worker_id, proc, path)
+        self.workers[worker_id] = worker
+        return worker
+
+    def idle(self) -> Worker | None:
+        for w in self.workers.values():
+            if w.state == IDLE:
+                return w
+        return None
+
+    def count(self, *states: str) -> int:
+        return sum(1 for w in self.workers.values() if w.state in states)
+
+    def reap(self) -> list[Worker]:
+        """Forget workers whose process has exited; return them."""
+        dead = [w for w in self.workers.values() if w.proc.poll() is not None]
+        for w in dead:
+            self.forget(w)
+        return dead
+
+    def forget(self, worker: Worker) -> None:
+        self.workers.pop(worker.worker_id, None)
+        try:
+            os.unlink(worker.socket_path)
+        except FileNotFoundError:
+            pass
+
+    def kill(self, worker: Worker) -> None:
+        try:
+            worker.proc.kill()
+        except ProcessLookupError:
+            pass
+
+    def stop_all(self, timeout: float = 3.0) -> None:
+        for w in list(self.workers.values()):
+            try:
+                w.proc.terminate()
+            except ProcessLookupError:
+                pass
+        for w in list(self.workers.values()):
+            try:
+                w.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                w.proc.wait()
+            self.forget(w)

@@ -1,0 +1,36 @@
+"""libclient: Shoal's client library, a drop-in for Ray's core API.
+
+    import libclient as ray
+    ray.init()
+
+    @ray.remote
+    def f(x):
+        return x * 2
+
+    print(ray.get([f.remote(i) for i in range(4)]))
+"""
+
+from libclient import exceptions
+from libclient.api import (
+    available_resources,
+    cancel,
+    cluster_resources,
+    get,
+    get_gpu_ids,
+    get_runtime_context,
+    init,
+    is_initialized,
+    nodes,
+    put,
+    remote,
+    shutdown,
+    wait,
+)
+from libclient.object_ref import ObjectRef
+
+__all__ = [
+    "ObjectRef", "available_resources", "cancel", "cluster_resources", "exceptions", "get",
+    "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote",
+    "shutdown", "wait",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,194 @@
+"""The embedded single-node cluster that ``init()`` starts when given no address.
+
+``EmbeddedCluster`` starts a launcher process (``python -m libclient.cluster``)
+whose stdin is a pipe from the driver. The launcher starts gcsd, stored and
+raylet as its children in a private runtime directory, reports their
+addresses, and tears everything down when the pipe closes: on ``shutdown()``,
+at interpreter exit, and when the driver is killed (the kernel closes the
+pipe). Its children also get PR_SET_PDEATHSIG, so they stop even if the
+launcher itself is killed.
+
+This module never imports the daemons; it runs them as programs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+_START_TIMEOUT_S = 30.0
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def runtime_base() -> str:
+    """Directory under which sessions live; only this user can enter it."""
+    base = os.environ.get("SHOAL_TMPDIR") or os.path.join(tempfile.gettempdir(),
+                                                            f"shoal-{os.getuid()}")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    os.chmod(base, 0o700)
+    return base
+
+
+class EmbeddedCluster:
+    """Handle on a running launcher; ``stop()`` ends it and waits."""
+
+    def __init__(self, *, num_cpus: float | None, num_gpus: float | None,
+                 resources: dict | None, object_store_memory: int | None) -> None:
+        spec = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {},
+                "object_store_memory": object_store_memory}
+        ready_r, ready_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "libclient.cluster", json.dumps(spec), str(ready_w)],
+            stdin=subprocess.PIPE, pass_fds=(ready_w,), preexec_fn=_die_with_parent,
+            close_fds=True)
+        os.close(ready_w)
+        try:
+            info = _read_ready(ready_r, _START_TIMEOUT_S, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            os.close(ready_r)
+        if "error" in info:
+            self.stop()
+            raise RuntimeError(f"embedded cluster failed to start: {info['error']}")
+        self.session_dir: str = info["session_dir"]
+        self.raylet_socket: str = info["raylet_socket"]
+        self.gcs_address: str = info["gcs_address"]
+        self.pids: list[int] = info["pids"]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _read_ready(fd: int, timeout: float, proc: subprocess.Popen | None = None) -> dict[str, Any]:
+    """Read one JSON line from a readiness pipe, with a deadline."""
+    import select
+
+    deadline = time.monotonic() + timeout
+    buf = b""
+    while b"\n" not in buf:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("daemon did not become ready in time")
+        r, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                code = proc.wait() if proc is not None else None
+                raise RuntimeError(f"daemon exited before it was ready (status {code})")
+            buf += chunk
+        elif proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"daemon exited before it was ready (status {proc.returncode})")
+    return json.loads(buf.split(b"\n", 1)[0])
+
+
+# ---------------------------------------------------------------- launcher side
+def _start(name: str, argv: list[str], logdir: str, procs: list) -> dict[str, Any]:
+    ready_r, ready_w = os.pipe()
+    log = open(os.path.join(logdir, f"{name}.log"), "ab")
+    proc = subprocess.Popen([sys.executable, "-m", f"daemons.{name}", *argv,
+                             "--ready-fd", str(ready_w)],
+                            pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stderr=log,
+                            preexec_fn=_die_with_parent, close_fds=True)
+    log.close()
+    os.close(ready_w)
+    procs.append(proc)
+    try:
+        return _read_ready(ready_r, _START_TIMEOUT_S, proc)
+    except Exception as exc:
+        tail = ""
+        try:
+            with open(os.path.join(logdir, f"{name}.log"), "rb") as f:
+                tail = f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            pass
+        raise RuntimeError(f"{name} failed to start: {exc}\n{tail}") from None
+    finally:
+        os.close(ready_r)
+
+
+def _stop_all(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
+    def _on_term(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which stops us
+    session = tempfile.mkdtemp(prefix="s-", dir=runtime_base())
+    logdir = os.path.join(session, "logs")
+    os.makedirs(logdir, mode=0o700)
+    procs: list[subprocess.Popen] = []
+    try:
+        gcs = _start("gcsd", ["--host", "127.0.0.1", "--port", "0",
+                              "--data-dir", os.path.join(session, "gcs")], logdir, procs)
+        store_sock = os.path.join(session, "stored.sock")
+        store_args = ["--socket", store_sock]
+        if spec.get("object_store_memory"):
+            store_args += ["--memory", str(int(spec["object_store_memory"]))]
+        _start("stored", store_args, logdir, procs)
+        raylet_sock = os.path.join(session, "raylet.sock")
+        raylet_args = ["--socket", raylet_sock, "--store-socket", store_sock,
+                       "--gcs-address", gcs["address"]]
+        if spec.get("num_cpus") is not None:
+            raylet_args += ["--num-cpus", str(spec["num_cpus"])]
+        if spec.get("num_gpus") is not None:
+            raylet_args += ["--num-gpus", str(spec["num_gpus"])]
+        if spec.get("resources"):
+            raylet_args += ["--resources", json.dumps(spec["resources"])]
+        _start("raylet", raylet_args, logdir, procs)
+        info = {"session_dir": session, "raylet_socket": raylet_sock,
+                "gcs_address": gcs["address"], "pids": [p.pid for p in procs]}
+    except Exception as exc:
+        _stop_all(procs)
+        shutil.rmtree(session, ignore_errors=True)
+        os.write(ready_fd, (json.dumps({"error": str(exc)}) + "\n").encode())
+        os.close(ready_fd)
+        sys.exit(1)
+    os.write(ready_fd, (json.dumps(info) + "\n").encode())
+    os.close(ready_fd)
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except (OSError, ValueError, KeyboardInterrupt):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _stop_all(procs)
+        shutil.rmtree(session, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _launcher(json.loads(sys.argv[1]), int(sys.argv[2]))

@@ -1,0 +1,1037 @@
+"""The core worker: what every driver and worker process runs inside libclient.
+
+Theory of operation
+-------------------
+*Ownership.* The process that creates an ObjectRef (by ``put`` or by
+submitting a task) owns it. Owned objects live in this process's memory
+store (``_owned``): small values inline, large ones as a pinned, zero-copy
+view of the node's shared-memory store. An ObjectRef that leaves the process
+inside another value "escapes"; the owner then copies the value into stored
+(``_promote``), where any process on the node can read it. Borrowers (processes
+holding refs they do not own) read from stored, and give up with
+ObjectLostError if the owner process dies first.
+
+*Leases.* Tasks with the same resource demand share a scheduling class. For
+each class the submitter asks the raylet for worker leases, connects straight
+to each leased worker's socket, and pushes task messages to it; results come
+straight back on that socket. The raylet schedules leases, never individual
+tasks (Ray 2's design). A lease idle for ``_LEASE_IDLE_S`` goes back.
+
+*Threads.* The user's thread calls submit/get/put/wait. One I/O thread reads
+replies from leased workers and the raylet and fires timers. All state is
+guarded by one lock; sockets are non-blocking, writes go out immediately when
+the socket takes them and otherwise through the I/O thread.
+
+*Dependencies.* Top-level ObjectRef arguments are resolved here, before a
+task is pushed: an owned small value is inlined into the task message, a
+stored or borrowed one is passed by id and the worker reads it from stored.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import selectors
+import socket
+import threading
+import time
+import traceback
+from typing import Any
+
+from libclient import object_ref, serialization
+from libclient.exceptions import (
+    GetTimeoutError,
+    ObjectLostError,
+    ObjectStoreFullError,
+    OwnerDiedError,
+    RaySystemError,
+    RayTaskError,
+    TaskCancelledError,
+    WorkerCrashedError,
+)
+from libclient.object_ref import ObjectRef
+from libclient.protocol import Connection, FrameDecoder, ProtocolError, pack
+
+_LEASE_IDLE_S = 0.005
+_MAX_LEASE_REQUESTS = 16
+_TARGET_PIPELINE_S = 0.002
+_MAX_DEPTH = 16
+_EVENT_FLUSH_S = 0.2
+_SOCK_BUF = 4 * 1024 * 1024
+
+PENDING = 0
+READY = 1
+
+
+class _Entry:
+    """An owned object: pending until its task replies, then inline or stored."""
+
+    __slots__ = ("state", "wire", "buf", "escaped", "waiters", "count")
+
+    def __init__(self) -> None:
+        self.state = PENDING
+        self.wire: list[Any] | None = None  # [kind, meta, [bufs]] when inline
+        self.buf: Any = None  # pinned pyarrow Buffer when in stored
+        self.escaped = False
+        self.waiters: list[_Task] | None = None
+        self.count = 0
+
+
+class _Task:
+    __slots__ = ("tid", "key", "demand", "msg", "deps", "unresolved", "return_ids",
+                 "retries_left", "lease", "cancelled", "name", "dispatched_at", "args_hold")
+
+    def __init__(self, tid: bytes, key: tuple, demand: dict, msg: dict, deps: list,
+                 return_ids: list[bytes], retries: int, name: str, args_hold: Any) -> None:
+        self.tid = tid
+        self.key = key
+        self.demand = demand
+        self.msg = msg
+        self.deps = deps  # [(slot, ObjectRef)]
+        self.unresolved = 0
+        self.return_ids = return_ids
+        self.retries_left = retries
+        self.lease: _Lease | None = None
+        self.cancelled = False
+        self.name = name
+        self.dispatched_at = 0.0
+        self.args_hold = args_hold  # keeps arg refs alive until the task ends
+
+
+class _Lease:
+    __slots__ = ("lease_id", "worker_id", "pid", "sock", "decoder", "out", "inflight",
+                 "key", "gpus", "idle_since", "dead")
+
+    def __init__(self, lease_id: int, worker_id: bytes, pid: int, sock: socket.socket,
+                 key: tuple, gpus: list[int]) -> None:
+        self.lease_id = lease_id
+        self.worker_id = worker_id
+        self.pid = pid
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        self.out = bytearray()
+        self.inflight: dict[bytes, _Task] = {}
+        self.key = key
+        self.gpus = gpus
+        self.idle_since = time.monotonic()
+        self.dead = False
+
+
+class _Class:
+    """Tasks of one scheduling class, and the leases that serve them."""
+
+    __slots__ = ("demand", "queue", "leases", "requests", "task_time")
+
+    def __init__(self, demand: dict) -> None:
+        self.demand = demand
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.leases: list[_Lease] = []
+        self.requests: set[int] = set()
+        self.task_time = 0.01  # EWMA of execution seconds; starts pessimistic
+
+    def depth(self) -> int:
+        # Pipeline several tasks per worker only when tasks are short, so a
+        # long task never hides more than ~2 ms of others behind it.
+        return max(1, min(_MAX_DEPTH, int(_TARGET_PIPELINE_S / max(self.task_time, 1e-6))))
+
+
+class CoreWorker:
+    """Per-process runtime: object ownership, task submission, get/put/wait."""
+
+    def __init__(self, raylet_socket: str, *, kind: str, job_id: int = 0,
+                 worker_id: bytes | None = None) -> None:
+        self.kind = kind
+        self.pid = os.getpid()
+        self.worker_id = worker_id or os.urandom(8)
+        self.raylet_socket = raylet_socket
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._owned: dict[bytes, _Entry] = {}
+        self._classes: dict[tuple, _Class] = {}
+        self._tasks: dict[bytes, _Task] = {}  # submitted, not finished
+        self._lease_reqs: dict[int, tuple] = {}  # raylet request id -> class key
+        self._rpc: dict[int, list] = {}  # raylet request id -> [reply or None]
+        self._events: dict[bytes, dict] = {}
+        self._exported: set[bytes] = set()
+        self._fn_cache: dict[bytes, Any] = {}
+        self._closed = False
+        self.current_task_id: bytes | None = None
+        self.current_gpus: list[int] = []
+        self.job_id = job_id
+        self._blocked_depth = 0
+
+        conn = Connection.connect_unix(raylet_socket)
+        hello = {"t": "hello", "kind": kind, "pid": self.pid, "worker_id": self.worker_id}
+        reply = conn.call(hello)
+        if not reply.get("ok"):
+            raise RaySystemError(f"raylet refused hello: {reply.get('error')}")
+        self.node_id: bytes = reply["node_id"]
+        self.gcs_address: str = reply["gcs_address"]
+        self.store_socket: str = reply["store_socket"]
+        self.node_resources: dict = reply["resources"]
+        self.node_gpus: list = reply.get("gpus", [])
+        self._raylet = conn
+        self._raylet_ids = conn._next_id
+        conn.sock.setblocking(False)
+        self._raylet_out = bytearray()
+
+        from libclient.gcs_client import GcsClient
+        from libclient.store_client import StoreClient
+
+        self.gcs = GcsClient(self.gcs_address, timeout=10.0)
+        self.store = StoreClient(self.store_socket, name=f"{kind}-{self.pid}")
+        self._store_wait: Any = None  # second connection for long blocking waits
+        if kind == "driver" and not job_id:
+            self.job_id = self.gcs.next_job_id()
+
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._sel.register(conn.sock, selectors.EVENT_READ, "raylet")
+        self._write_interest: set[Any] = set()
+
+        object_ref._incref = self._incref
+        self._io = threading.Thread(target=self._io_loop, name="shoal-io", daemon=True)
+        self._io.start()
+
+    # ------------------------------------------------------------------ refs
+    def _incref(self, oid: bytes) -> None:
+        entry = self._owned.get(oid)
+        if entry is not None:
+            entry.count += 1
+
+    def _drain_released(self) -> None:
+        """Apply ObjectRef.__del__ decrements (called with the lock held)."""
+        released = object_ref._released
+        owned = self._owned
+        while released:
+            try:
+                oid = released.popleft()
+            except IndexError:
+                return
+            entry = owned.get(oid)
+            if entry is None:
+                continue
+            entry.count -= 1
+            if entry.count <= 0 and not (entry.state == PENDING and (entry.escaped or entry.waiters)):
+                if entry.state == READY or oid[:16] not in self._tasks:
+                    del owned[oid]
+
+    def _new_owned(self, oid: bytes) -> ObjectRef:
+        entry = _Entry()
+        self._owned[oid] = entry
+        return ObjectRef(oid, self.pid)
+
+    # ------------------------------------------------------------------- put
+    def put(self, value: Any) -> ObjectRef:
+        ser = serialization.serialize(value)
+        oid = os.urandom(16) + b"\xff\xff\xff\xff"
+        with self._lock:
+            self._drain_released()
+            ref = self._new_owned(oid)
+            entry = self._owned[oid]
+            if ser.refs:
+                self._escape(ser.refs)
+        if ser.inline:
+            entry.wire = ser.to_wire()
+        else:
+            entry.buf = self._write_store(oid, ser)
+        with self._lock:
+            entry.state = READY
+        return ref
+
+    def _write_store(self, oid: bytes, ser: serialization.Serialized) -> Any:
+        """Copy a serialized value into stored; return a pinned view of it."""
+        size = ser.store_size()
+        view = self.store.create(oid, size)
+        try:
+            ser.write_into(view)
+        except BaseException:
+            self.store.abort(oid)
+            raise
+        finally:
+            del view
+        self.store.seal(oid)
+        (buf,) = self.store.get([oid], timeout=0)
+        self.store.release([oid])  # the creation pin; `buf` holds its own
+        return buf
+
+    def _promote(self, oid: bytes, entry: _Entry) -> None:
+        """Make an owned object readable by other processes (copy it to stored)."""
+        if entry.buf is not None or entry.wire is None:
+            return
+        kind, meta, bufs = entry.wire
+        ser = serialization.Serialized(kind, meta, bufs, [])
+        try:
+            entry.buf = self._write_store(oid, ser)
+        except ObjectStoreFullError:
+            raise
+        except Exception as exc:
+            if "exists" not in str(exc):
+                raise
+
+    def _escape(self, refs: list[ObjectRef]) -> None:
+        for ref in refs:
+            entry = self._owned.get(ref._id)
+            if entry is None:
+                continue  # borrowed: already in stored
+            entry.escaped = True
+            if entry.state == READY:
+                self._promote(ref._id, entry)
+
+    # ------------------------------------------------------------------- get
+    def get(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[Any] = []
+        with self._lock:
+            self._drain_released()
+            for ref in refs:
+                if not isinstance(ref, ObjectRef):
+                    raise TypeError(f"get() expects ObjectRefs, got {type(ref).__name__}")
+                entry = self._owned.get(ref._id)
+                if entry is None:
+                    out.append(None)
+                    continue
+                if entry.state != READY:
+                    self._wait_entry(entry, deadline)
+                out.append(entry)
+        values = []
+        for ref, entry in zip(refs, out, strict=False):
+            if entry is None:
+                kind, value = self._get_borrowed(ref, deadline)
+            elif entry.buf is not None:
+                kind, value = serialization.deserialize_buffer(entry.buf)
+            else:
+                kind, value = serialization.deserialize_wire(entry.wire)
+            if kind == serialization.KIND_ERROR:
+                if isinstance(value, RayTaskError):
+                    raise value.as_instanceof_cause()
+                raise value
+            values.append(value)
+        return values
+
+    def _wait_entry(self, entry: _Entry, deadline: float | None) -> None:
+        self._set_blocked(True)
+        try:
+            while entry.state != READY:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise GetTimeoutError("get timed out")
+                self._cv.wait(remaining if remaining is not None else 1.0)
+                if self._closed:
+                    raise RaySystemError("libclient was shut down")
+        finally:
+            self._set_blocked(False)
+
+    def _get_borrowed(self, ref: ObjectRef, deadline: float | None) -> tuple[int, Any]:
+        """Read an object someone else owns from stored, waiting for it to appear."""
+        (buf,) = self.store.get([ref._id], timeout=0)
+        if buf is None:
+            buf = self._wait_store(ref, deadline)
+        return serialization.deserialize_buffer(buf)
+
+    def _wait_store(self, ref: ObjectRef, deadline: float | None) -> Any:
+        if self._store_wait is None:
+            from libclient.store_client import StoreClient
+
+            self._store_wait = StoreClient(self.store_socket, name=f"wait-{self.pid}")
+        self._set_blocked(True)
+        try:
+            while True:
+                step = 0.2
+                if deadline is not None:
+                    step = min(step, deadline - time.monotonic())
+                    if step <= 0:
+                        raise GetTimeoutError(f"get of {ref.hex()} timed out")
+                (buf,) = self._store_wait.get([ref._id], timeout=step)
+                if buf is not None:
+                    return buf
+                if ref.owner_pid and not _pid_alive(ref.owner_pid):
+                    (buf,) = self._store_wait.get([ref._id], timeout=0)
+                    if buf is not None:
+                        return buf
+                    raise OwnerDiedError(
+                        f"object {ref.hex()} was lost: its owner (pid {ref.owner_pid}) exited "
+                        "before the object was stored")
+        finally:
+            self._set_blocked(False)
+
+    def _set_blocked(self, blocked: bool) -> None:
+        """Tell the raylet this worker's task waits, so it lends the CPU out."""
+        if self.kind != "worker" or self.current_task_id is None:
+            return
+        with self._lock:
+            if blocked:
+                self._blocked_depth += 1
+                if self._blocked_depth == 1:
+                    self._raylet_send({"t": "blocked"})
+            else:
+                self._blocked_depth -= 1
+                if self._blocked_depth == 0:
+                    self._raylet_send({"t": "unblocked"})
+
+    # ------------------------------------------------------------------ wait
+    def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None
+             ) -> tuple[list[ObjectRef], list[ObjectRef]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._drain_released()
+                ready_flags = []
+                borrowed = []
+                for i, ref in enumerate(refs):
+                    entry = self._owned.get(ref._id)
+                    if entry is None:
+                        ready_flags.append(False)
+                        borrowed.append(i)
+                    else:
+                        ready_flags.append(entry.state == READY)
+            if borrowed:
+                present = self.store.contains([refs[i]._id for i in borrowed])
+                for i, p in zip(borrowed, present, strict=False):
+                    ready_flags[i] = p
+            if sum(ready_flags) >= num_returns:
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            with self._lock:
+                step = 0.01 if borrowed else 1.0
+                self._cv.wait(step if remaining is None else min(step, remaining))
+        ready, not_ready = [], []
+        for ref, flag in zip(refs, ready_flags, strict=False):
+            if flag and len(ready) < num_returns:
+                ready.append(ref)
+            else:
+                not_ready.append(ref)
+        return ready, not_ready
+
+    # ---------------------------------------------------------------- submit
+    def export_function(self, pickled: bytes, name: str) -> bytes:
+        key = hashlib.sha1(pickled).digest()[:16]
+        if key not in self._exported:
+            self.gcs.table_put("functions", key, {"name": name, "pickled": pickled,
+                                                  "job": self.job_id})
+            self._exported.add(key)
+        return key
+
+    def fetch_function(self, key: bytes) -> Any:
+        fn = self._fn_cache.get(key)
+        if fn is None:
+            record = self.gcs.table_get("functions", key)
+            if record is None:
+                raise RaySystemError(f"function {key.hex()} is not in the control store")
+            import pickle
+
+            fn = pickle.loads(record["pickled"])
+            self._fn_cache[key] = fn
+        return fn
+
+    def submit(self, fn_key: bytes, name: str, args: tuple, kwargs: dict, *,
+               num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any
+               ) -> list[ObjectRef]:
+        tid = os.urandom(16)
+        deps = []
+        if any(type(a) is ObjectRef for a in args):
+            args = list(args)
+            for i, a in enumerate(args):
+                if type(a) is ObjectRef:
+                    deps.append((i, a))
+                    args[i] = None
+        if any(type(v) is ObjectRef for v in kwargs.values()):
+            kwargs = dict(kwargs)
+            for k, v in kwargs.items():
+                if type(v) is ObjectRef:
+                    deps.append((k, v))
+                    kwargs[k] = None
+        if not args and not kwargs:
+            payload = _EMPTY_ARGS
+            refs: list = []
+        else:
+            try:
+                ser = serialization.serialize((tuple(args), kwargs))
+            except Exception as exc:
+                raise TypeError(f"could not serialize the arguments of {name}: {exc}") from exc
+            if not ser.inline:
+                raise_large = ser  # large args go through stored as a put
+                ref = self.put(_LargeArgs(raise_large.meta, raise_large.buffers))
+                deps.append(("*", ref))
+                payload = _EMPTY_ARGS
+                refs = ser.refs
+            else:
+                payload = ser.to_wire()
+                refs = ser.refs
+        msg = {"t": "task", "tid": tid, "fn": fn_key, "name": name, "args": payload,
+               "nret": num_returns, "job": self.job_id}
+        if retry_exceptions:
+            msg["rex"] = retry_exceptions if isinstance(retry_exceptions, bool) else \
+                serialization.serialize(retry_exceptions).to_wire()
+        key = tuple(sorted(demand.items()))
+        return_ids = [tid + i.to_bytes(4, "little") for i in range(num_returns)]
+        with self._lock:
+            self._drain_released()
+            if refs:
+                self._escape(refs)
+            out = [self._new_owned(oid) for oid in return_ids]
+            task = _Task(tid, key, demand, msg, deps, return_ids, max_retries, name, refs)
+            self._tasks[tid] = task
+            self._events[tid] = {"name": name, "fn": fn_key, "job": self.job_id,
+                                 "state": "PENDING", "nret": num_returns,
+                                 "deps": [r._id for _, r in deps], "owner_pid": self.pid}
+            for _slot, ref in deps:
+                entry = self._owned.get(ref._id)
+                if entry is not None and entry.state != READY:
+                    if entry.waiters is None:
+                        entry.waiters = []
+                    entry.waiters.append(task)
+                    task.unresolved += 1
+            if task.unresolved == 0:
+                self._enqueue(task)
+        return out
+
+    def _enqueue(self, task: _Task) -> None:
+        # Called with the lock held and every owned dependency READY.
+        failed = self._resolve_args(task)
+        if failed is not None:
+            self._finish_error(task, failed)
+            return
+        cls = self._classes.get(task.key)
+        if cls is None:
+            cls = self._classes[task.key] = _Class(task.demand)
+        cls.queue.append(task)
+        self._pump(cls)
+
+    def _resolve_args(self, task: _Task) -> list | None:
+        """Put each dependency into the message; return an error wire if one failed."""
+        if not task.deps:
+            return None
+        resolved = []
+        for slot, ref in task.deps:
+            entry = self._owned.get(ref._id)
+            if entry is None or entry.buf is not None:
+                resolved.append([slot, "s", ref._id, ref.owner_pid])
+                continue
+            if entry.wire[0] == serialization.KIND_ERROR:
+                return entry.wire
+            resolved.append([slot, "v", entry.wire])
+        task.msg["deps"] = resolved
+        return None
+
+    def _pump(self, cls: _Class) -> None:
+        """Push queued tasks to leased workers; ask for more leases if needed."""
+        depth = cls.depth()
+        while cls.queue:
+            best = None
+            for lease in cls.leases:
+                if not lease.dead and len(lease.inflight) < depth and (
+                        best is None or len(lease.inflight) < len(best.inflight)):
+                    best = lease
+            if best is None:
+                break
+            task = cls.queue.popleft()
+            if task.cancelled:
+                continue
+            self._push(best, task)
+        want = min(len(cls.queue), _MAX_LEASE_REQUESTS) - len(cls.requests)
+        for _ in range(want):
+            self._request_lease(cls)
+        if not cls.queue and cls.requests:
+            for rid in cls.requests:
+                self._raylet_send({"t": "cancel_lease", "lease_r": rid})
+            cls.requests.clear()  # a grant that still arrives is handed back
+
+    def _push(self, lease: _Lease, task: _Task) -> None:
+        task.lease = lease
+        lease.inflight[task.tid] = task
+        if lease.gpus:
+            task.msg["gpus"] = lease.gpus
+        task.dispatched_at = time.monotonic()
+        ev = self._events.get(task.tid)
+        if ev is not None:
+            ev["state"] = "RUNNING"
+        self._write(lease, pack(task.msg))
+
+    def _write(self, lease: _Lease, data: bytes) -> None:
+        if lease.dead:
+            return
+        if not lease.out:
+            try:
+                n = lease.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                n = len(data)  # the reader will see the failure and fail the tasks
+            if n == len(data):
+                return
+            data = data[n:]
+        lease.out += data
+        self._want_write(lease)
+
+    def _want_write(self, target: Any) -> None:
+        self._write_interest.add(target)
+        try:
+            os.write(self._wake_w, b"w")
+        except BlockingIOError:
+            pass
+
+    def _request_lease(self, cls: _Class) -> None:
+        self._raylet_ids += 1
+        rid = self._raylet_ids
+        cls.requests.add(rid)
+        self._lease_reqs[rid] = cls
+        self._raylet_send({"t": "lease", "r": rid, "res": cls.demand})
+
+    def _raylet_send(self, msg: dict) -> None:
+        data = pack(msg)
+        if not self._raylet_out:
+            try:
+                n = self._raylet.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+        self._raylet_out += data
+        self._want_write("raylet")
+
+    def raylet_call(self, msg: dict, timeout: float = 10.0) -> dict:
+        """A request/reply exchange with the raylet, answered via the I/O thread."""
+        with self._lock:
+            self._raylet_ids += 1
+            rid = msg["r"] = self._raylet_ids
+            slot: list = [None]
+            self._rpc[rid] = slot
+            self._raylet_send(msg)
+            deadline = time.monotonic() + timeout
+            while slot[0] is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    self._rpc.pop(rid, None)
+                    raise RaySystemError(f"raylet did not answer {msg['t']!r}")
+                self._cv.wait(remaining)
+            return slot[0]
+
+    # ---------------------------------------------------------------- cancel
+    def cancel(self, ref: ObjectRef, force: bool) -> None:
+        tid = ref._id[:16]
+        with self._lock:
+            task = self._tasks.get(tid)
+            if task is None:
+                return
+            task.cancelled = True
+            task.retries_left = 0
+            err = _error_wire(TaskCancelledError(f"task {task.name} was cancelled"))
+            lease = task.lease
+            if lease is None:
+                # Queued or waiting for arguments: it never ran.
+                self._finish_error(task, err)
+                return
+            if force:
+                try:
+                    os.kill(lease.pid, 9)
+                except ProcessLookupError:
+                    pass
+            else:
+                self._write(lease, pack({"t": "cancel", "tid": tid}))
+                try:
+                    os.kill(lease.pid, 2)  # SIGINT: interrupts the task if it runs
+                except ProcessLookupError:
+                    pass
+
+    # --------------------------------------------------------------- replies
+    def _on_task_reply(self, lease: _Lease, msg: dict) -> None:
+        task = lease.inflight.pop(msg.get("tid"), None)
+        if task is None:
+            return
+        cls = self._classes.get(lease.key)
+        dur = msg.get("dur")
+        if cls is not None and isinstance(dur, float):
+            cls.task_time = 0.8 * cls.task_time + 0.2 * dur
+        status = msg.get("err", 0)
+        if status == 2 and task.retries_left > 0 and not task.cancelled:
+            task.retries_left -= 1
+            task.lease = None
+            self._requeue(task)
+            return
+        if task.cancelled and status:
+            self._finish_error(task, _error_wire(TaskCancelledError(f"task {task.name} was cancelled")))
+            return
+        rets = msg.get("rets") or []
+        for oid, ret in zip(task.return_ids, rets, strict=False):
+            entry = self._owned.get(oid)
+            if entry is None or entry.state == READY:
+                continue
+            if ret[0] == "v":
+                entry.wire = ret[1]
+            else:
+                (entry.buf,) = self.store.get([oid], timeout=0)
+                if entry.buf is None:
+                    entry.wire = _error_wire(ObjectLostError(
+                        f"return value of {task.name} was evicted before its owner pinned it"))
+            self._complete(oid, entry)
+        self._task_done(task, "FAILED" if status else "FINISHED")
+
+    def _complete(self, oid: bytes, entry: _Entry) -> None:
+        entry.state = READY
+        if entry.escaped:
+            try:
+                self._promote(oid, entry)
+            except Exception as exc:
+                entry.wire = _error_wire(ObjectStoreFullError(str(exc)))
+        waiters = entry.waiters
+        if waiters:
+            entry.waiters = None
+            for task in waiters:
+                task.unresolved -= 1
+                if task.unresolved == 0 and not task.cancelled:
+                    self._enqueue(task)
+        if entry.count <= 0 and not entry.escaped:
+            self._owned.pop(oid, None)
+
+    def _finish_error(self, task: _Task, wire: list) -> None:
+        for oid in task.return_ids:
+            entry = self._owned.get(oid)
+            if entry is not None and entry.state != READY:
+                entry.wire = wire
+                self._complete(oid, entry)
+        self._task_done(task, "FAILED")
+
+    def _task_done(self, task: _Task, state: str) -> None:
+        self._tasks.pop(task.tid, None)
+        task.args_hold = None
+        task.deps = []
+        ev = self._events.get(task.tid)
+        if ev is not None:
+            ev["state"] = state
+        else:
+            self._events[task.tid] = {"state": state}
+        self._cv.notify_all()
+        if task.lease is not None:
+            cls = self._classes.get(task.key)
+            if cls is not None:
+                self._pump(cls)
+
+    def _requeue(self, task: _Task) -> None:
+        cls = self._classes.get(task.key)
+        if cls is None:
+            cls = self._classes[task.key] = _Class(task.demand)
+        cls.queue.appendleft(task)
+        self._pump(cls)
+
+    def _on_lease_reply(self, msg: dict) -> None:
+        rid = msg.get("r")
+        cls = self._lease_reqs.pop(rid, None)
+        if cls is None:
+            return
+        cls.requests.discard(rid)
+        if not msg.get("ok"):
+            if msg.get("error") == "infeasible":
+                err = _error_wire(RaySystemError(
+                    f"task is infeasible on this node: {msg.get('msg')}"))
+                while cls.queue:
+                    self._finish_error(cls.queue.popleft(), err)
+            return
+        if not cls.queue:
+            self._raylet_send({"t": "return_lease", "lease_id": msg["lease_id"], "kill": False})
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUF)
+            sock.connect(msg["socket"])
+        except OSError:
+            sock.close()
+            self._raylet_send({"t": "return_lease", "lease_id": msg["lease_id"], "kill": True})
+            self._pump(cls)
+            return
+        sock.setblocking(False)
+        key = next((k for k, c in self._classes.items() if c is cls), None)
+        lease = _Lease(msg["lease_id"], msg["worker_id"], msg["pid"], sock, key,
+                       msg.get("gpus") or [])
+        cls.leases.append(lease)
+        self._sel.register(sock, selectors.EVENT_READ, lease)
+        self._pump(cls)
+
+    def _lease_failed(self, lease: _Lease, why: str) -> None:
+        """The leased worker's socket closed: retry or fail what it was running."""
+        if lease.dead:
+            return
+        lease.dead = True
+        try:
+            self._sel.unregister(lease.sock)
+        except (KeyError, ValueError):
+            pass
+        lease.sock.close()
+        cls = self._classes.get(lease.key)
+        if cls is not None and lease in cls.leases:
+            cls.leases.remove(lease)
+        self._raylet_send({"t": "return_lease", "lease_id": lease.lease_id, "kill": True})
+        for task in list(lease.inflight.values()):
+            task.lease = None
+            if task.cancelled:
+                self._finish_error(task, _error_wire(
+                    TaskCancelledError(f"task {task.name} was cancelled")))
+            elif task.retries_left > 0:
+                task.retries_left -= 1
+                self._requeue(task)
+            else:
+                self._finish_error(task, _error_wire(WorkerCrashedError(
+                    f"the worker (pid {lease.pid}) running {task.name} died ({why}) "
+                    "and no retries were left")))
+        lease.inflight.clear()
+        if cls is not None:
+            self._pump(cls)
+
+    def _return_idle_leases(self, now: float) -> None:
+        for cls in self._classes.values():
+            if cls.queue:
+                continue
+            for lease in list(cls.leases):
+                if lease.inflight or lease.dead:
+                    lease.idle_since = now
+                    continue
+                if now - lease.idle_since >= _LEASE_IDLE_S:
+                    lease.dead = True
+                    cls.leases.remove(lease)
+                    try:
+                        self._sel.unregister(lease.sock)
+                    except (KeyError, ValueError):
+                        pass
+                    lease.sock.close()
+                    self._raylet_send({"t": "return_lease", "lease_id": lease.lease_id,
+                                       "kill": False})
+
+    # ------------------------------------------------------------- I/O loop
+    def _io_loop(self) -> None:
+        last_flush = time.monotonic()
+        while not self._closed:
+            timeout = 0.05 if any(c.leases for c in self._classes.values()) else 0.2
+            try:
+                events = self._sel.select(timeout=timeout)
+            except (OSError, ValueError):
+                if self._closed:
+                    return
+                raise
+            with self._lock:
+                for key, mask in events:
+                    target = key.data
+                    if target == "wake":
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    elif target == "raylet":
+                        self._read_raylet()
+                    elif isinstance(target, _Lease) and mask & selectors.EVENT_READ:
+                        self._read_lease(target)
+                    if mask & selectors.EVENT_WRITE:
+                        self._flush_target(target)
+                self._update_write_interest()
+                now = time.monotonic()
+                self._drain_released()
+                self._return_idle_leases(now)
+                if now - last_flush >= _EVENT_FLUSH_S and self._events:
+                    last_flush = now
+                    self._flush_events()
+                self.store.flush_releases()
+
+    def _update_write_interest(self) -> None:
+        for target in list(self._write_interest):
+            if target == "raylet":
+                sock, pending = self._raylet.sock, bool(self._raylet_out)
+            else:
+                if target.dead:
+                    self._write_interest.discard(target)
+                    continue
+                sock, pending = target.sock, bool(target.out)
+            if pending:
+                self._flush_target(target)
+                pending = bool(self._raylet_out if target == "raylet" else target.out)
+            mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if pending else 0)
+            try:
+                self._sel.modify(sock, mask, target)
+            except (KeyError, ValueError):
+                pass
+            if not pending:
+                self._write_interest.discard(target)
+
+    def _flush_target(self, target: Any) -> None:
+        if target == "raylet":
+            buf, sock = self._raylet_out, self._raylet.sock
+        elif isinstance(target, _Lease) and not target.dead:
+            buf, sock = target.out, target.sock
+        else:
+            return
+        if not buf:
+            return
+        try:
+            n = sock.send(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            buf.clear()
+            return
+        del buf[:n]
+
+    def _read_raylet(self) -> None:
+        try:
+            data = self._raylet.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._closed_by_raylet()
+            return
+        dec = self._raylet._decoder
+        dec.feed(data)
+        while True:
+            try:
+                msg = dec.next()
+            except ProtocolError:
+                self._closed_by_raylet()
+                return
+            if msg is None:
+                return
+            rid = msg.get("r")
+            slot = self._rpc.pop(rid, None)
+            if slot is not None:
+                slot[0] = msg
+                self._cv.notify_all()
+            else:
+                self._on_lease_reply(msg)
+
+    def _closed_by_raylet(self) -> None:
+        try:
+            self._sel.unregister(self._raylet.sock)
+        except (KeyError, ValueError):
+            pass
+        err = _error_wire(RaySystemError("lost the connection to the raylet"))
+        for task in list(self._tasks.values()):
+            self._finish_error(task, err)
+        self._cv.notify_all()
+
+    def _read_lease(self, lease: _Lease) -> None:
+        try:
+            data = lease.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lease_failed(lease, str(exc))
+            return
+        if not data:
+            self._lease_failed(lease, "connection closed")
+            return
+        lease.decoder.feed(data)
+        try:
+            msgs = lease.decoder.drain()
+        except ProtocolError as exc:
+            self._lease_failed(lease, f"protocol error: {exc}")
+            return
+        for msg in msgs:
+            self._on_task_reply(lease, msg)
+        if not lease.inflight:
+            lease.idle_since = time.monotonic()
+
+    def _flush_events(self) -> None:
+        events, self._events = self._events, {}
+        items = [[tid, ev] for tid, ev in events.items()]
+        try:
+            self.gcs.put_batch("tasks", items, wait=False)
+        except Exception:
+            pass  # task events are best-effort observability; never fail a task
+
+    # -------------------------------------------------------------- shutdown
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+            for cls in self._classes.values():
+                for lease in cls.leases:
+                    lease.dead = True
+                    try:
+                        lease.sock.close()
+                    except OSError:
+                        pass
+                    self._raylet_send({"t": "return_lease", "lease_id": lease.lease_id,
+                                       "kill": bool(lease.inflight)})
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+        self._io.join(timeout=2)
+        if self._events:
+            self._flush_events()
+        try:
+            self._raylet.sock.setblocking(True)
+            if self._raylet_out:
+                self._raylet.sock.sendall(self._raylet_out)
+        except OSError:
+            pass
+        self._raylet.close()
+        self.store.close()
+        if self._store_wait is not None:
+            self._store_wait.close()
+        self.gcs.close()
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        if object_ref._incref == self._incref:
+            object_ref._incref = None
+
+
+class _LargeArgs:
+    """Task arguments too big to inline: travel through stored as one object."""
+
+    def __init__(self, meta: bytes, buffers: list) -> None:
+        self.meta = meta
+        self.buffers = buffers
+
+    def __reduce__(self) -> Any:
+        import pickle
+
+        return (_rebuild_large_args, (pickle.PickleBuffer(self.meta),
+                                      [pickle.PickleBuffer(b) for b in self.buffers]))
+
+
+def _rebuild_large_args(meta: Any, buffers: list) -> Any:
+    import pickle
+
+    return pickle.loads(meta, buffers=buffers)
+
+
+def _error_wire(exc: BaseException) -> list:
+    return serialization.serialize(exc, serialization.KIND_ERROR).to_wire()
+
+
+def error_wire_from(exc: BaseException, name: str) -> list:
+    """Wrap an exception raised by user code for the trip back to the owner."""
+    tb = traceback.format_exc()
+    err = RayTaskError(name, tb, exc, os.getpid())
+    try:
+        return serialization.serialize(err, serialization.KIND_ERROR).to_wire()
+    except Exception:
+        from libclient.exceptions import RayError
+
+        plain = RayTaskError(name, tb, RayError(f"{type(exc).__name__}: {exc}"), os.getpid())
+        return serialization.serialize(plain, serialization.KIND_ERROR).to_wire()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_EMPTY_ARGS = serialization.serialize(((), {})).to_wire()

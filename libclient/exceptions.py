@@ -1,0 +1,98 @@
+"""Exceptions with Ray's names, so the except clauses of Ray programs keep working."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RayError(Exception):
+    """Base of every Shoal error raised to user code."""
+
+
+class RayTaskError(RayError):
+    """A task raised; re-raised at ``get``.
+
+    ``as_instanceof_cause`` returns an object that is both a RayTaskError and
+    an instance of the task's own exception class, so ``except ValueError``
+    around ``get`` catches a ValueError raised remotely.
+    """
+
+    def __init__(self, function_name: str = "", traceback_str: str = "",
+                 cause: BaseException | None = None, pid: int = 0) -> None:
+        self.function_name = function_name
+        self.traceback_str = traceback_str
+        self.cause = cause
+        self.pid = pid
+        Exception.__init__(self, function_name, traceback_str, cause, pid)
+
+    def __str__(self) -> str:
+        name = type(self.cause).__name__ if self.cause is not None else "Exception"
+        return (f"{name} raised in task {self.function_name} (pid={self.pid}):\n"
+                f"{self.traceback_str.rstrip()}")
+
+    def __reduce__(self) -> Any:
+        return (RayTaskError, (self.function_name, self.traceback_str, self.cause, self.pid))
+
+    def as_instanceof_cause(self) -> RayTaskError:
+        cause = self.cause
+        if cause is None or isinstance(cause, RayTaskError):
+            return self
+        cause_cls = type(cause)
+        try:
+            cls = _dual_class(cause_cls)
+            err = cls.__new__(cls)
+        except TypeError:  # final or C classes that refuse subclassing
+            return self
+        RayTaskError.__init__(err, self.function_name, self.traceback_str, cause, self.pid)
+        # Copy the cause's attributes so handlers that read them still work.
+        try:
+            err.__dict__.update({k: v for k, v in vars(cause).items()
+                                 if k not in ("cause", "traceback_str", "function_name", "pid")})
+        except TypeError:
+            pass
+        return err
+
+
+_dual_cache: dict[type, type] = {}
+
+
+def _dual_class(cause_cls: type) -> type:
+    cls = _dual_cache.get(cause_cls)
+    if cls is None:
+        cls = type(f"RayTaskError({cause_cls.__name__})", (RayTaskError, cause_cls),
+                   {"__init__": RayTaskError.__init__, "__str__": RayTaskError.__str__,
+                    "__reduce__": RayTaskError.__reduce__, "__module__": __name__})
+        _dual_cache[cause_cls] = cls
+    return cls
+
+
+class GetTimeoutError(RayError, TimeoutError):
+    """``get`` or ``wait`` ran past its timeout."""
+
+
+class WorkerCrashedError(RayError):
+    """The worker died while running the task and the retries ran out."""
+
+
+class TaskCancelledError(RayError):
+    """The task was cancelled before it finished."""
+
+
+class ObjectLostError(RayError):
+    """The object's value is gone: evicted, or its owner died."""
+
+
+class OwnerDiedError(ObjectLostError):
+    """The process that owned the object exited before the object was stored."""
+
+
+class ObjectStoreFullError(RayError):
+    """The node's object store has no room, even after evicting unused objects."""
+
+
+class RaySystemError(RayError):
+    """Shoal itself failed: a daemon is unreachable or answered nonsense."""
+
+
+class RuntimeEnvSetupError(RayError):
+    """Reserved for runtime environments (not built yet)."""

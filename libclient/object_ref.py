@@ -1,0 +1,70 @@
+"""ObjectRef: a future naming an immutable object, with its owner's address.
+
+Reference counting is local and deferred: ``__init__`` counts a new handle
+and ``__del__`` only appends the id to a queue, because ``__del__`` may run in
+any thread, in the middle of any code (even while the core worker holds its
+own lock). The core worker drains that queue at safe points.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any
+
+# Set by the core worker of this process: counts(oid) += 1 on creation.
+_incref: Any = None
+_released: collections.deque[bytes] = collections.deque()
+# Refs seen while serializing a value on this thread (None when not collecting).
+_collect = threading.local()
+
+
+class ObjectRef:
+    """A handle on an object that a task will produce or that ``put`` stored."""
+
+    __slots__ = ("_id", "_owner_pid", "_counted", "__weakref__")
+
+    def __init__(self, oid: bytes, owner_pid: int = 0, *, _count: bool = True) -> None:
+        self._id = oid
+        self._owner_pid = owner_pid
+        self._counted = False
+        if _count and _incref is not None:
+            _incref(oid)
+            self._counted = True
+
+    def binary(self) -> bytes:
+        return self._id
+
+    def hex(self) -> str:
+        return self._id.hex()
+
+    @property
+    def owner_pid(self) -> int:
+        return self._owner_pid
+
+    def __repr__(self) -> str:
+        return f"ObjectRef({self._id.hex()})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectRef) and other._id == self._id
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __del__(self) -> None:
+        if self._counted:
+            _released.append(self._id)
+
+    def __reduce__(self) -> Any:
+        refs = getattr(_collect, "refs", None)
+        if refs is not None:
+            refs.append(self)
+        return (_rebuild, (self._id, self._owner_pid))
+
+    # Let `await ref` style code fail loudly rather than oddly.
+    def __await__(self) -> Any:
+        raise TypeError("awaiting ObjectRefs is not supported yet; use libclient.get")
+
+
+def _rebuild(oid: bytes, owner_pid: int) -> ObjectRef:
+    return ObjectRef(oid, owner_pid)

@@ -1,0 +1,243 @@
+"""A worker process: runs the tasks that a lease holder pushes to it.
+
+Started by the raylet as ``python -m libclient.worker --raylet SOCK
+--worker-id HEX --socket PATH``. It listens on its own socket, registers with
+the raylet, then serves one lease holder connection at a time: read task
+messages, run them in order, write results back. Replies to tasks that
+arrived together go out in one write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+from libclient import api, serialization
+from libclient.core_worker import CoreWorker, error_wire_from
+from libclient.exceptions import RaySystemError, TaskCancelledError
+from libclient.object_ref import ObjectRef
+from libclient.protocol import FrameDecoder, ProtocolError, pack_many
+
+
+class _Cancelled(BaseException):
+    """Raised inside a running task by SIGINT when its holder cancelled it."""
+
+
+class TaskRunner:
+    """Runs task messages for one holder connection."""
+
+    def __init__(self, core: CoreWorker) -> None:
+        self.core = core
+        self.conn: socket.socket | None = None
+        self.decoder = FrameDecoder()
+        self.backlog: collections.deque[dict] = collections.deque()
+        self.cancelled: set[bytes] = set()
+        self.running: bytes | None = None
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, _signum: int, _frame: Any) -> None:
+        # The holder writes a cancel message before it signals, so reading the
+        # socket here tells whether the task running now is the one cancelled.
+        self._read_nowait()
+        if self.running is not None and self.running in self.cancelled:
+            raise _Cancelled()
+
+    def _read_nowait(self) -> None:
+        if self.conn is None:
+            return
+        try:
+            data = self.conn.recv(1 << 20, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, OSError):
+            return
+        if data:
+            self.decoder.feed(data)
+            self._take_messages()
+
+    def _take_messages(self) -> None:
+        for msg in self.decoder.drain():
+            if msg["t"] == "cancel":
+                self.cancelled.add(msg.get("tid"))
+            else:
+                self.backlog.append(msg)
+
+    def serve(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.decoder = FrameDecoder()
+        self.backlog.clear()
+        self.cancelled.clear()
+        try:
+            while True:
+                if not self.backlog:
+                    data = conn.recv(1 << 20)
+                    if not data:
+                        return
+                    self.decoder.feed(data)
+                    self._take_messages()
+                replies = []
+                while self.backlog:
+                    msg = self.backlog.popleft()
+                    if msg["t"] == "task":
+                        replies.append(self.run(msg))
+                    self._read_nowait()
+                if replies:
+                    conn.sendall(pack_many(replies))
+        except ProtocolError as exc:
+            print(f"worker: bad message from holder: {exc}", file=sys.stderr)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.conn = None
+            conn.close()
+
+    def run(self, msg: dict) -> dict:
+        tid = msg["tid"]
+        name = msg.get("name", "?")
+        nret = msg.get("nret", 1)
+        start = time.perf_counter()
+        core = self.core
+        if tid in self.cancelled:
+            return self._error(tid, name, nret, TaskCancelledError(f"task {name} was cancelled"), start)
+        core.job_id = msg.get("job", 0)
+        gpus = msg.get("gpus")
+        if gpus is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+            core.current_gpus = list(gpus)
+        else:
+            core.current_gpus = []
+        try:
+            fn = core.fetch_function(msg["fn"])
+            args, kwargs = self._args(msg)
+        except Exception as exc:
+            return self._error(tid, name, nret, exc, start)
+        core.current_task_id = tid
+        self.running = tid
+        try:
+            result = fn(*args, **kwargs)
+        except _Cancelled:
+            return self._error(tid, name, nret, TaskCancelledError(f"task {name} was cancelled"), start)
+        except Exception as exc:
+            status = 2 if self._retryable(msg, exc) else 1
+            return {"t": "done", "tid": tid, "err": status, "dur": time.perf_counter() - start,
+                    "rets": [["v", error_wire_from(exc, name)]] * nret}
+        finally:
+            self.running = None
+            core.current_task_id = None
+            del args, kwargs
+        try:
+            return {"t": "done", "tid": tid, "err": 0, "dur": time.perf_counter() - start,
+                    "rets": self._returns(tid, result, nret)}
+        except Exception as exc:
+            wrapped = TypeError(f"could not serialize the return value of {name}: {exc}")
+            return self._error(tid, name, nret, wrapped, start)
+
+    def _error(self, tid: bytes, name: str, nret: int, exc: BaseException, start: float) -> dict:
+        try:
+            raise exc
+        except BaseException as e:
+            wire = error_wire_from(e, name) if not isinstance(e, TaskCancelledError) else \
+                serialization.serialize(e, serialization.KIND_ERROR).to_wire()
+        return {"t": "done", "tid": tid, "err": 1, "dur": time.perf_counter() - start,
+                "rets": [["v", wire]] * nret}
+
+    def _args(self, msg: dict) -> tuple[list, dict]:
+        kind, (args, kwargs) = serialization.deserialize_wire(msg["args"])
+        args = list(args)
+        for dep in msg.get("deps") or ():
+            slot, how = dep[0], dep[1]
+            if how == "v":
+                kind, value = serialization.deserialize_wire(dep[2])
+            else:
+                (value,) = self.core.get([ObjectRef(dep[2], dep[3], _count=False)], None)
+            if slot == "*":
+                args, kwargs = list(value[0]), value[1]
+            elif isinstance(slot, int):
+                args[slot] = value
+            else:
+                kwargs[slot] = value
+        return args, kwargs
+
+    def _retryable(self, msg: dict, exc: Exception) -> bool:
+        rex = msg.get("rex")
+        if not rex:
+            return False
+        if rex is True:
+            return True
+        try:
+            _kind, types = serialization.deserialize_wire(rex)
+            return isinstance(exc, tuple(types))
+        except Exception:
+            return False
+
+    def _returns(self, tid: bytes, result: Any, nret: int) -> list:
+        if nret == 1:
+            values = [result]
+        else:
+            if not isinstance(result, (tuple, list)) or len(result) != nret:
+                raise ValueError(f"task declared num_returns={nret} but returned "
+                                 f"{type(result).__name__}")
+            values = list(result)
+        rets = []
+        core = self.core
+        for i, value in enumerate(values):
+            ser = serialization.serialize(value)
+            if ser.refs:
+                with core._lock:
+                    core._escape(ser.refs)
+            if ser.inline:
+                rets.append(["v", ser.to_wire()])
+            else:
+                oid = tid + i.to_bytes(4, "little")
+                buf = core._write_store(oid, ser)
+                del buf  # the owner pins its own copy when it reads the reply
+                rets.append(["s"])
+        return rets
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="libclient.worker")
+    p.add_argument("--raylet", required=True)
+    p.add_argument("--worker-id", required=True)
+    p.add_argument("--socket", required=True)
+    ns = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.unlink(ns.socket)
+    except FileNotFoundError:
+        pass
+    listen.bind(ns.socket)
+    os.chmod(ns.socket, 0o600)
+    listen.listen(8)
+    try:
+        core = CoreWorker(ns.raylet, kind="worker", worker_id=bytes.fromhex(ns.worker_id))
+    except Exception as exc:
+        print(f"worker: cannot start: {exc}", file=sys.stderr)
+        traceback.print_exc()
+        sys.exit(1)
+    api._attach_worker(core)
+    runner = TaskRunner(core)
+    try:
+        while True:
+            conn, _ = listen.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            runner.serve(conn)
+    except KeyboardInterrupt:
+        pass
+    except RaySystemError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+    finally:
+        try:
+            os.unlink(ns.socket)
+        except FileNotFoundError:
+            pass
+
+
+if __name__ == "__main__":
+    main()
