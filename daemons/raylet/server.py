@@ -26,7 +26,8 @@ from typing import Any
 from daemons.raylet.resources import GpuInstances, ResourceSet
 from daemons.raylet.scheduler import Infeasible, LeaseRequest, LeaseScheduler
 from daemons.raylet.worker_pool import IDLE, LEASED, Worker, WorkerPool
-from libclient.protocol import FrameDecoder, ProtocolError, field as mfield, pack
+from libclient.protocol import FrameDecoder, ProtocolError, pack
+from libclient.protocol import field as mfield
 
 _HEARTBEAT_S = 1.0
 _CPU = ("CPU",)
