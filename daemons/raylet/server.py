@@ -165,6 +165,7 @@ class Raylet:
     def _send(self, conn: _Conn, msg: dict[str, Any]) -> None:
         if conn.closed:
             return
+        msg.setdefault("t", "reply")  # every frame names its type (protocol rule)
         was_empty = not conn.out
         conn.out += pack(msg)
         if was_empty:

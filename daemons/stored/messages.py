@@ -1,0 +1,142 @@
+"""stored's request messages: wire maps in, typed, validated nouns out.
+
+Every field a client sends goes through :func:`libclient.protocol.field` and
+a range check here, so the store core only ever sees well-formed requests
+and a malformed one becomes a :class:`ProtocolError` (an error reply) instead
+of an exception deep inside the store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from libclient.protocol import ProtocolError, field
+
+# Ray's ObjectID is 28 bytes; 64 leaves room for other id schemes while keeping
+# a hostile client from making the table hold megabyte-long keys.
+MAX_OID_LEN = 64
+# One get/delete/contains names at most this many objects. A frame is capped at
+# MAX_FRAME anyway; this keeps one request's work (and its reply) bounded.
+MAX_OIDS = 100_000
+MAX_NAME_LEN = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    r: int
+    pid: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    r: int
+    oid: bytes
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Seal:
+    r: int
+    oid: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    r: int
+    oid: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    r: int
+    oids: tuple[bytes, ...]
+    timeout_ms: int  # -1 waits forever, 0 does not wait
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    oids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    r: int
+    oids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Contains:
+    r: int
+    oids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    r: int
+
+
+Request = Hello | Create | Seal | Abort | Get | Release | Delete | Contains | Stats
+
+
+def request_id(msg: Any) -> int | None:
+    """The ``r`` of a message if it has a usable one, for error replies."""
+    if isinstance(msg, dict):
+        r = msg.get("r")
+        if isinstance(r, int) and not isinstance(r, bool):
+            return r
+    return None
+
+
+def _oid(value: Any, what: str) -> bytes:
+    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_OID_LEN:
+        raise ProtocolError(f"{what} must be 1..{MAX_OID_LEN} bytes")
+    return value
+
+
+def _oids(msg: dict[str, Any]) -> tuple[bytes, ...]:
+    raw = field(msg, "oids", list)
+    if len(raw) > MAX_OIDS:
+        raise ProtocolError(f"at most {MAX_OIDS} oids per request")
+    return tuple(_oid(v, "each of oids") for v in raw)
+
+
+def _r(msg: dict[str, Any]) -> int:
+    return field(msg, "r", int)
+
+
+def parse(msg: dict[str, Any]) -> Request:
+    """Turn a decoded wire map into a request.
+
+    Raises:
+        ProtocolError: unknown ``t``, a missing field, or a field of the wrong
+            type or range.
+    """
+    t = msg.get("t")
+    if t == "get":
+        timeout_ms = field(msg, "timeout_ms", int)
+        if timeout_ms < -1:
+            raise ProtocolError("timeout_ms must be -1, 0 or positive")
+        return Get(_r(msg), _oids(msg), timeout_ms)
+    if t == "release":
+        return Release(_oids(msg))
+    if t == "create":
+        size = field(msg, "size", int)
+        if size < 0:
+            raise ProtocolError("size must be >= 0")
+        return Create(_r(msg), _oid(field(msg, "oid", bytes), "oid"), size)
+    if t == "seal":
+        return Seal(_r(msg), _oid(field(msg, "oid", bytes), "oid"))
+    if t == "abort":
+        return Abort(_r(msg), _oid(field(msg, "oid", bytes), "oid"))
+    if t == "delete":
+        return Delete(_r(msg), _oids(msg))
+    if t == "contains":
+        return Contains(_r(msg), _oids(msg))
+    if t == "stats":
+        return Stats(_r(msg))
+    if t == "hello":
+        name = field(msg, "name", str, "")
+        return Hello(_r(msg), field(msg, "pid", int), name[:MAX_NAME_LEN])
+    raise ProtocolError(f"unknown message type {t!r}")

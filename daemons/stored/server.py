@@ -1,0 +1,268 @@
+"""stored's I/O shell: one selector loop over the Unix socket and its clients.
+
+The shell owns sockets, the clock and the arena fd; every decision is made
+by :class:`daemons.stored.store.ObjectTable`. Per connection it keeps a
+:class:`FrameDecoder` (bytes in) and a queue of outgoing chunks (bytes out),
+so a slow or stuck client only ever fills its own buffer: sockets are
+non-blocking and a client whose unread replies pass ``PAUSE_OUT_BYTES`` is
+not read from until it catches up (back-pressure instead of unbounded
+memory).
+
+Errors are translated at the edge: a frame that cannot be decoded closes
+that connection (its framing is lost), a well-framed request with a bad
+field gets an ``ok: False`` reply, and a vanished client is disconnected
+from the core, which frees whatever it held.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import os
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from daemons.shell import StopFlag
+from daemons.stored import messages
+from daemons.stored.store import ObjectTable, Reply
+from libclient.protocol import FrameDecoder, ProtocolError, pack
+
+# Control frames to stored are tiny (a get of 10k ids is ~300 KiB); 16 MiB is
+# already absurd and keeps a hostile length prefix from reserving memory.
+MAX_FRAME = 16 * 1024 * 1024
+RECV_BYTES = 256 * 1024
+# Stop reading a client that has this much unread output. Replies are small;
+# only a client that pipelines thousands of requests without reading gets near
+# it (uvicorn pauses its transport at 64 KiB high water; we are generous
+# because our replies are bounded by our requests).
+PAUSE_OUT_BYTES = 4 * 1024 * 1024
+
+_LISTEN = "listen"
+_WAKE = "wake"
+
+
+class _Conn:
+    """One client connection: its decoder and its unsent output."""
+
+    __slots__ = ("sock", "cid", "decoder", "out", "out_bytes", "mask", "pid", "name")
+
+    def __init__(self, sock: socket.socket, cid: int) -> None:
+        self.sock = sock
+        self.cid = cid
+        self.decoder = FrameDecoder(MAX_FRAME)
+        # Chunks of [bytearray, fds]; fds ride on the first byte of their chunk.
+        self.out: collections.deque[list[Any]] = collections.deque()
+        self.out_bytes = 0
+        self.mask = 0
+        self.pid = 0
+        self.name = ""
+
+
+class StoreServer:
+    """Serve stored's protocol on ``listen`` until a StopFlag is set.
+
+    Args:
+        listen: a bound, listening, non-blocking AF_UNIX socket.
+        table: the store core.
+        arena_fd: memfd of the arena, passed to every client in the hello reply.
+        log: structlog logger.
+        selector: injectable for tests; defaults to the platform's best.
+        clock: monotonic clock; injectable for tests.
+    """
+
+    def __init__(self, listen: socket.socket, table: ObjectTable, arena_fd: int, log: Any,
+                 selector: selectors.BaseSelector | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.listen = listen
+        self.table = table
+        self.arena_fd = arena_fd
+        self.log = log
+        self.sel = selector or selectors.DefaultSelector()
+        self.clock = clock
+        self.conns: dict[int, _Conn] = {}
+        self._next_cid = 0
+        self._dirty: set[_Conn] = set()
+        self.sel.register(listen, selectors.EVENT_READ, _LISTEN)
+
+    # ------------------------------------------------------------ lifecycle
+    def run(self, stop: StopFlag) -> None:
+        """Main loop: accept, read, dispatch, write, expire gets; until stopped."""
+        self.sel.register(stop.wake_fd_r, selectors.EVENT_READ, _WAKE)
+        while not stop.stopping:
+            deadline = self.table.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            for key, mask in self.sel.select(timeout):
+                if key.data is _LISTEN:
+                    self._accept()
+                elif key.data is _WAKE:
+                    try:
+                        os.read(stop.wake_fd_r, 64)
+                    except OSError:
+                        pass
+                else:
+                    conn = key.data
+                    if mask & selectors.EVENT_READ:
+                        self._on_readable(conn)
+                    if mask & selectors.EVENT_WRITE and conn.cid in self.conns:
+                        self._dirty.add(conn)
+            self._deliver(self.table.tick(self.clock()))
+            self._flush_dirty()
+            self._log_events()
+
+    def close(self) -> None:
+        """Close every client and the listening socket (the caller unlinks the path)."""
+        for conn in list(self.conns.values()):
+            self._drop(conn, "shutdown")
+        try:
+            self.sel.unregister(self.listen)
+        except (KeyError, ValueError):
+            pass
+        self.listen.close()
+        self.sel.close()
+
+    # ------------------------------------------------------------ connections
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: keep serving the others
+                self.log.warning("accept_failed", error=str(exc))
+                return
+            sock.setblocking(False)
+            self._next_cid += 1
+            conn = _Conn(sock, self._next_cid)
+            self.conns[conn.cid] = conn
+            self.table.connect(conn.cid)
+            conn.mask = selectors.EVENT_READ
+            self.sel.register(sock, conn.mask, conn)
+            self.log.debug("client_connected", client=conn.cid)
+
+    def _drop(self, conn: _Conn, reason: str) -> None:
+        if self.conns.pop(conn.cid, None) is None:
+            return
+        dropped = self.table.disconnect(conn.cid)
+        self._dirty.discard(conn)
+        try:
+            self.sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        self.log.info("client_disconnected", client=conn.cid, client_pid=conn.pid,
+                      name=conn.name, reason=reason, pins_dropped=dropped.pins,
+                      aborted=dropped.aborted, gets_cancelled=dropped.gets)
+
+    def _on_readable(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(conn, f"recv failed: {exc}")
+            return
+        if not data:
+            self._drop(conn, "eof")
+            return
+        conn.decoder.feed(data)
+        now = self.clock()
+        while conn.cid in self.conns:
+            try:
+                msg = conn.decoder.next()
+            except ProtocolError as exc:
+                self._protocol_failure(conn, str(exc))
+                return
+            if msg is None:
+                break
+            self._dispatch(conn, msg, now)
+
+    def _dispatch(self, conn: _Conn, msg: dict[str, Any], now: float) -> None:
+        try:
+            req = messages.parse(msg)
+        except ProtocolError as exc:
+            r = messages.request_id(msg)
+            self.log.warning("bad_request", client=conn.cid, client_pid=conn.pid,
+                             t=str(msg.get("t")), error=str(exc))
+            if r is not None:
+                self._queue(conn, {"r": r, "ok": False, "error": "bad_request",
+                                   "msg": str(exc)})
+            return
+        if isinstance(req, messages.Hello):
+            conn.pid, conn.name = req.pid, req.name
+            self.log.info("client_hello", client=conn.cid, client_pid=req.pid, name=req.name)
+        self._deliver(self.table.step(conn.cid, req, now))
+
+    def _protocol_failure(self, conn: _Conn, error: str) -> None:
+        """The stream lost its framing: say why (best effort) and close it."""
+        self.log.warning("protocol_error", client=conn.cid, client_pid=conn.pid, error=error)
+        try:
+            conn.sock.send(pack({"t": "reply", "r": None, "ok": False, "error": "protocol",
+                                 "msg": error}))
+        except OSError:
+            pass
+        self._drop(conn, "protocol error")
+
+    # ------------------------------------------------------------ output
+    def _deliver(self, replies: list[Reply]) -> None:
+        for reply in replies:
+            conn = self.conns.get(reply.client)
+            if conn is not None:
+                self._queue(conn, reply.msg, [self.arena_fd] if reply.arena_fd else None)
+
+    def _queue(self, conn: _Conn, msg: dict[str, Any], fds: list[int] | None = None) -> None:
+        # protocol.decode_body insists on a string "t" in every message, replies too.
+        data = pack({"t": "reply", **msg})
+        if fds is None and conn.out and conn.out[-1][1] is None:
+            conn.out[-1][0] += data  # coalesce small replies into one send
+        else:
+            conn.out.append([bytearray(data), fds])
+        conn.out_bytes += len(data)
+        self._dirty.add(conn)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            if conn.cid in self.conns:
+                self._flush(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        while conn.out:
+            chunk = conn.out[0]
+            data, fds = chunk
+            try:
+                if fds:
+                    n = conn.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                    array.array("i", fds))])
+                else:
+                    n = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._drop(conn, f"send failed: {exc}")
+                return
+            conn.out_bytes -= n
+            chunk[1] = None  # the kernel took the fds with the first byte
+            if n < len(data):
+                del data[:n]
+                break
+            conn.out.popleft()
+        self._update_mask(conn)
+
+    def _update_mask(self, conn: _Conn) -> None:
+        mask = 0 if conn.out_bytes > PAUSE_OUT_BYTES else selectors.EVENT_READ
+        if conn.out:
+            mask |= selectors.EVENT_WRITE
+        # mask is never 0: a paused client has output pending, hence EVENT_WRITE.
+        if mask != conn.mask:
+            conn.mask = mask
+            self.sel.modify(conn.sock, mask, conn)
+
+    def _log_events(self) -> None:
+        for event, fields in self.table.take_events():
+            if event == "bad_release":
+                self.log.warning(event, **fields)
+            else:
+                self.log.info(event, **fields)

@@ -1,0 +1,290 @@
+"""Client of the node's object store daemon (stored): zero-copy puts and gets.
+
+On connect, stored passes the arena's memfd once (SCM_RIGHTS with the hello
+reply); the client maps the whole arena and from then on objects are just
+``(offset, size)`` pairs inside that mapping. ``create`` hands out a writable
+view for the caller to fill, ``get`` returns ``pyarrow.Buffer`` objects that
+point straight into the mapping, so reading an object copies nothing.
+
+Every buffer ``get`` returns holds one pin on its object in stored (the
+object cannot be evicted or deleted while it is pinned). The pin is released
+when the buffer and every view of it (numpy arrays, slices) are garbage: a
+finalizer queues the object id, and queued releases go out in one message
+before the next request or on :meth:`StoreClient.flush_releases`. Finalizers
+can run on any thread, at any moment, so they only append to a deque.
+
+The arena mapping is never unmapped: ``mmap.close`` raises BufferError while
+numpy or Arrow views exist, and unmapping under a live view would crash the
+process. Clients of the same stored in one process share one mapping.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import mmap
+import os
+import threading
+from typing import Any
+
+import pyarrow as pa
+
+from libclient.exceptions import ObjectStoreFullError
+from libclient.protocol import Connection, ProtocolError, pack_many
+
+# Same bound as stored's messages.MAX_OIDS: longer release batches are split.
+_MAX_OIDS = 100_000
+
+# (st_dev, st_ino, size) of an arena memfd -> [mmap, base address]; kept for
+# the life of the process (see module docstring).
+_ARENAS: dict[tuple[int, int, int], tuple[mmap.mmap, int]] = {}
+_ARENAS_LOCK = threading.Lock()
+
+
+class StoreError(Exception):
+    """stored refused a request (for example ``exists`` or ``not_found``).
+
+    Attributes:
+        code: stored's error code string.
+    """
+
+    def __init__(self, code: str, msg: str) -> None:
+        super().__init__(f"{code}: {msg}")
+        self.code = code
+
+
+class _Pin:
+    """Base object of a buffer from ``get``; queues the pin's release when collected."""
+
+    __slots__ = ("oid", "queue", "__weakref__")
+
+    def __init__(self, oid: bytes, queue: collections.deque[bytes]) -> None:
+        self.oid = oid
+        self.queue = queue
+
+    def __del__(self) -> None:
+        self.queue.append(self.oid)  # deque.append is atomic; safe from any thread
+
+
+def _map_arena(fd: int, size: int) -> tuple[mmap.mmap, int]:
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino, size)
+    with _ARENAS_LOCK:
+        found = _ARENAS.get(key)
+        if found is None:
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            found = (mm, pa.py_buffer(mm).address)
+            _ARENAS[key] = found
+        return found
+
+
+class StoreClient:
+    """A connection to stored. Thread-safe: one lock serialises requests.
+
+    A ``get`` that waits holds the lock, so threads that must not block behind
+    it should use their own client.
+
+    Args:
+        socket_path: stored's Unix socket.
+        name: shown in stored's logs.
+        connect_timeout: seconds to wait for the connection itself.
+
+    Raises:
+        OSError: stored is not listening at ``socket_path``.
+        ProtocolError: the peer is not stored.
+    """
+
+    def __init__(self, socket_path: str, name: str = "client",
+                 connect_timeout: float = 10.0) -> None:
+        self._lock = threading.RLock()
+        self._releases: collections.deque[bytes] = collections.deque()
+        self._closed = False
+        self._pid = os.getpid()
+        self._conn = Connection.connect_unix(socket_path, timeout=connect_timeout)
+        try:
+            rid = self._conn.new_id()
+            self._conn.send({"t": "hello", "r": rid, "pid": self._pid, "name": name})
+            reply, fds = self._conn.recv_with_fds(maxfds=1)
+            try:
+                if reply.get("r") != rid or not reply.get("ok") or len(fds) != 1:
+                    raise ProtocolError(f"bad hello reply from {socket_path}: {reply}")
+                self.capacity: int = int(reply["capacity"])
+                self.arena_size: int = int(reply["arena_size"])
+                self._mmap, self._base = _map_arena(fds[0], self.arena_size)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        except BaseException:
+            self._conn.close()
+            raise
+        self._view = memoryview(self._mmap)
+
+    @property
+    def arena_address(self) -> int:
+        """Address of the arena mapping in this process (every object lies inside it)."""
+        return self._base
+
+    # ------------------------------------------------------------ writing
+    def create(self, oid: bytes, size: int) -> memoryview:
+        """Reserve an unsealed object and return a writable view of its bytes.
+
+        The object stays invisible to ``get`` until :meth:`seal`; this client
+        holds a pin on it until it calls :meth:`release` (or disconnects).
+
+        Raises:
+            ObjectStoreFullError: no room even after evicting unpinned objects.
+            StoreError: ``exists`` if ``oid`` is already in the store.
+        """
+        reply = self._call({"t": "create", "oid": oid, "size": size})
+        off = reply["offset"]
+        return self._view[off:off + size]
+
+    def seal(self, oid: bytes) -> None:
+        """Make a created object immutable and visible; wakes waiting gets."""
+        self._call({"t": "seal", "oid": oid})
+
+    def abort(self, oid: bytes) -> None:
+        """Free an object this client created but has not sealed."""
+        self._call({"t": "abort", "oid": oid})
+
+    def put(self, oid: bytes, data: Any) -> None:
+        """Store ``data`` (any contiguous buffer) as a sealed object, unpinned.
+
+        The object stays cached until deleted or evicted; use ``create``/``seal``
+        directly to keep it pinned.
+        """
+        src = memoryview(data).cast("B")
+        view = self.create(oid, src.nbytes)
+        try:
+            view[:] = src
+        except BaseException:
+            view.release()
+            self.abort(oid)
+            raise
+        view.release()
+        self.seal(oid)
+        self._releases.append(oid)  # the creation pin; goes out with the next request
+
+    # ------------------------------------------------------------ reading
+    def get(self, oids: list[bytes], timeout: float | None = None) -> list[pa.Buffer | None]:
+        """Return zero-copy buffers of sealed objects, waiting up to ``timeout`` seconds.
+
+        Args:
+            oids: object ids.
+            timeout: None waits for every object; 0 returns at once.
+
+        Returns:
+            One pinned, read-only buffer per id, or None where the object was
+            not sealed in time.
+
+        Raises:
+            ConnectionError: stored went away.
+        """
+        timeout_ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
+        reply = self._call({"t": "get", "oids": list(oids), "timeout_ms": timeout_ms})
+        out: list[pa.Buffer | None] = []
+        objs = reply["objs"]
+        for oid, obj in zip(oids, objs, strict=True):
+            if obj is None:
+                out.append(None)
+                continue
+            off, size = obj
+            if off < 0 or size < 0 or off + size > self.arena_size:
+                raise ProtocolError(f"stored returned range {obj} outside the arena")
+            out.append(pa.foreign_buffer(self._base + off, size,
+                                         base=_Pin(oid, self._releases)))
+        return out
+
+    def release(self, oids: list[bytes]) -> None:
+        """Drop one pin per id (the creation pin, typically); sent with the next request."""
+        self._releases.extend(oids)
+
+    def flush_releases(self) -> None:
+        """Send queued releases now (buffers collected since the last request)."""
+        with self._lock:
+            if self._closed or not self._releases:
+                return
+            try:
+                self._conn.sock.sendall(pack_many(self._take_releases()))
+            except BaseException:
+                self._closed = True  # a partial frame went out: the stream is unusable
+                self._conn.close()
+                raise
+
+    def contains(self, oids: list[bytes]) -> list[bool]:
+        """Which of ``oids`` are sealed in the store."""
+        return list(self._call({"t": "contains", "oids": list(oids)})["present"])
+
+    def delete(self, oids: list[bytes]) -> int:
+        """Free the unpinned objects among ``oids``; return how many were freed."""
+        return int(self._call({"t": "delete", "oids": list(oids)})["deleted"])
+
+    def stats(self) -> dict[str, int]:
+        """capacity, used, pinned_bytes, num_objects, num_evictions."""
+        reply = self._call({"t": "stats"})
+        return {k: v for k, v in reply.items() if k not in ("t", "r", "ok")}
+
+    def close(self) -> None:
+        """Send queued releases and disconnect; stored drops this client's pins.
+
+        The arena stays mapped (buffers from ``get`` keep working until the
+        process exits, but they are no longer pinned).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self.flush_releases()
+            except OSError:
+                pass
+            self._closed = True
+            self._conn.close()
+            self._releases.clear()
+
+    def __enter__(self) -> StoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ internals
+    def _take_releases(self) -> list[dict[str, Any]]:
+        oids: list[bytes] = []
+        try:
+            while True:
+                oids.append(self._releases.popleft())
+        except IndexError:
+            pass
+        return [{"t": "release", "oids": oids[i:i + _MAX_OIDS]}
+                for i in range(0, len(oids), _MAX_OIDS)]
+
+    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._closed:
+                raise ConnectionError("store client is closed")
+            if os.getpid() != self._pid:
+                raise RuntimeError("a StoreClient cannot be used across fork; connect anew")
+            rid = self._conn.new_id()
+            msg["r"] = rid
+            frames = self._take_releases() if self._releases else []
+            frames.append(msg)
+            try:
+                self._conn.sock.sendall(pack_many(frames))
+                reply = self._conn.recv()
+            except BaseException:
+                # Half a request or reply (EOF, Ctrl-C): the stream is in an
+                # unknown state and no later request could trust it.
+                self._closed = True
+                self._conn.close()
+                raise
+            if reply.get("r") != rid:
+                self._closed = True
+                self._conn.close()
+                raise ProtocolError(f"stored reply {reply.get('r')} does not match {rid}")
+        if not reply.get("ok"):
+            code = str(reply.get("error"))
+            text = str(reply.get("msg", ""))
+            if code == "full":
+                raise ObjectStoreFullError(text)
+            raise StoreError(code, text)
+        return reply
