@@ -182,6 +182,11 @@ class RemoteFunction:
         self.__name__ = getattr(fn, "__name__", "task")
         self.__doc__ = fn.__doc__
 
+    def __reduce__(self) -> Any:
+        # Tasks that call other remote functions capture them: ship only the
+        # function and options, never this process's cached export state.
+        return (RemoteFunction, (self._fn, self._options))
+
     def options(self, **options: Any) -> RemoteFunction:
         merged = {**self._options, **options}
         return RemoteFunction(self._fn, merged, self._shared)

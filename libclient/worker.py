@@ -3,8 +3,7 @@
 Started by the raylet as ``python -m libclient.worker --raylet SOCK
 --worker-id HEX --socket PATH``. It listens on its own socket, registers with
 the raylet, then serves one lease holder connection at a time: read task
-messages, run them in order, write results back. Replies to tasks that
-arrived together go out in one write.
+messages, run them in order, write each result back as soon as it exists.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from libclient import api, serialization
 from libclient.core_worker import CoreWorker, error_wire_from
 from libclient.exceptions import RaySystemError, TaskCancelledError
 from libclient.object_ref import ObjectRef
-from libclient.protocol import FrameDecoder, ProtocolError, pack_many
+from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 
 class _Cancelled(BaseException):
@@ -80,14 +79,13 @@ class TaskRunner:
                         return
                     self.decoder.feed(data)
                     self._take_messages()
-                replies = []
+                # Each reply goes out as soon as its task ends: a later task in
+                # the backlog may block on this one's result, or run for long.
                 while self.backlog:
                     msg = self.backlog.popleft()
                     if msg["t"] == "task":
-                        replies.append(self.run(msg))
+                        conn.sendall(pack(self.run(msg)))
                     self._read_nowait()
-                if replies:
-                    conn.sendall(pack_many(replies))
         except ProtocolError as exc:
             print(f"worker: bad message from holder: {exc}", file=sys.stderr)
         except (ConnectionError, OSError):
@@ -149,7 +147,8 @@ class TaskRunner:
     def _args(self, msg: dict) -> tuple[list, dict]:
         kind, (args, kwargs) = serialization.deserialize_wire(msg["args"])
         args = list(args)
-        for dep in msg.get("deps") or ():
+        # Large arguments ("*") replace the whole args first; refs then fill slots.
+        for dep in sorted(msg.get("deps") or (), key=lambda d: d[0] != "*"):
             slot, how = dep[0], dep[1]
             if how == "v":
                 kind, value = serialization.deserialize_wire(dep[2])
