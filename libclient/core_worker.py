@@ -218,7 +218,20 @@ class CoreWorker:
             entry.count -= 1
             if entry.count <= 0 and not (entry.state == PENDING and (entry.escaped or entry.waiters)):
                 if entry.state == READY or oid[:16] not in self._tasks:
-                    del owned[oid]
+                    self._drop(oid, entry)
+
+    def _drop(self, oid: bytes, entry: _Entry) -> None:
+        """Forget an owned object nobody here references any more.
+
+        A stored copy that never left this process is freed at once, so its
+        (already faulted-in) memory is reused by the next large put; an
+        escaped one may have borrowers, so it stays cached until evicted.
+        """
+        del self._owned[oid]
+        if entry.buf is not None:
+            entry.buf = None
+            if not entry.escaped:
+                self.store.free([oid])
 
     def _new_owned(self, oid: bytes) -> ObjectRef:
         entry = _Entry()
@@ -690,8 +703,8 @@ class CoreWorker:
                 task.unresolved -= 1
                 if task.unresolved == 0 and not task.cancelled:
                     self._enqueue(task)
-        if entry.count <= 0 and not entry.escaped:
-            self._owned.pop(oid, None)
+        if entry.count <= 0 and not entry.escaped and oid in self._owned:
+            self._drop(oid, entry)
 
     def _finish_error(self, task: _Task, wire: list) -> None:
         for oid in task.return_ids:

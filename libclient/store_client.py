@@ -97,7 +97,7 @@ class StoreClient:
     def __init__(self, socket_path: str, name: str = "client",
                  connect_timeout: float = 10.0) -> None:
         self._lock = threading.RLock()
-        self._releases: collections.deque[bytes] = collections.deque()
+        self._releases: collections.deque[bytes | tuple[bytes, bool]] = collections.deque()
         self._closed = False
         self._pid = os.getpid()
         self._conn = Connection.connect_unix(socket_path, timeout=connect_timeout)
@@ -199,6 +199,10 @@ class StoreClient:
         """Drop one pin per id (the creation pin, typically); sent with the next request."""
         self._releases.extend(oids)
 
+    def free(self, oids: list[bytes]) -> None:
+        """Delete these objects if unpinned (one-way, queued after pending releases)."""
+        self._releases.extend((oid, True) for oid in oids)
+
     def flush_releases(self) -> None:
         """Send queued releases now (buffers collected since the last request)."""
         with self._lock:
@@ -249,14 +253,25 @@ class StoreClient:
 
     # ------------------------------------------------------------ internals
     def _take_releases(self) -> list[dict[str, Any]]:
-        oids: list[bytes] = []
+        # The deque holds oids to release and (oid, True) pairs to free, in
+        # order; runs of each become one message, so a free follows the
+        # releases queued before it.
+        frames: list[dict[str, Any]] = []
+        kind, oids = "", []
         try:
             while True:
-                oids.append(self._releases.popleft())
+                item = self._releases.popleft()
+                this = "free" if type(item) is tuple else "release"
+                if this != kind or len(oids) >= _MAX_OIDS:
+                    if oids:
+                        frames.append({"t": kind, "oids": oids})
+                    kind, oids = this, []
+                oids.append(item[0] if this == "free" else item)
         except IndexError:
             pass
-        return [{"t": "release", "oids": oids[i:i + _MAX_OIDS]}
-                for i in range(0, len(oids), _MAX_OIDS)]
+        if oids:
+            frames.append({"t": kind, "oids": oids})
+        return frames
 
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         with self._lock:

@@ -61,6 +61,13 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class Free:
+    """One-way delete: the owner dropped its last reference to these objects."""
+
+    oids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Delete:
     r: int
     oids: tuple[bytes, ...]
@@ -77,7 +84,7 @@ class Stats:
     r: int
 
 
-Request = Hello | Create | Seal | Abort | Get | Release | Delete | Contains | Stats
+Request = Hello | Create | Seal | Abort | Get | Release | Free | Delete | Contains | Stats
 
 
 def request_id(msg: Any) -> int | None:
@@ -121,6 +128,8 @@ def parse(msg: dict[str, Any]) -> Request:
         return Get(_r(msg), _oids(msg), timeout_ms)
     if t == "release":
         return Release(_oids(msg))
+    if t == "free":
+        return Free(_oids(msg))
     if t == "create":
         size = field(msg, "size", int)
         if size < 0:

@@ -27,6 +27,8 @@ Object life cycle (Plasma's)::
   0); otherwise it waits in ``_gets`` until the last one is sealed or its
   deadline passes (:meth:`tick`). Each object returned gets one pin for the
   asking client, so it cannot be evicted or deleted while the client reads.
+* ``free`` (one-way) deletes objects nobody pins: an owner sends it when its
+  last reference goes, so the space (already faulted in) is reused at once.
 * ``release`` drops one pin; an object whose pins reach zero stays cached
   and becomes the most recently used eviction candidate.
 * ``disconnect`` drops everything a client held: its pins, its unsealed
@@ -51,6 +53,7 @@ from daemons.stored.messages import (
     Contains,
     Create,
     Delete,
+    Free,
     Get,
     Hello,
     Release,
@@ -198,6 +201,9 @@ class ObjectTable:
                 return self._step_abort(client, req)
             case Delete():
                 return self._step_delete(client, req)
+            case Free():
+                self._step_delete(client, Delete(0, req.oids))
+                return []
             case Contains():
                 present = [self._sealed(oid) is not None for oid in req.oids]
                 return [Reply(client, {"r": req.r, "ok": True, "present": present})]
