@@ -152,7 +152,8 @@ class CoreWorker:
         self._tasks: dict[bytes, _Task] = {}  # submitted, not finished
         self._lease_reqs: dict[int, tuple] = {}  # raylet request id -> class key
         self._rpc: dict[int, list] = {}  # raylet request id -> [reply or None]
-        self._events: dict[bytes, dict] = {}
+        self._events: dict[bytes, dict] = {}  # task id -> latest state, for gcsd
+        self._object_events: dict[bytes, dict] = {}  # object id -> location, for gcsd
         self._exported: set[bytes] = set()
         self._fn_cache: dict[bytes, Any] = {}
         self._closed = False
@@ -232,6 +233,7 @@ class CoreWorker:
             entry.buf = None
             if not entry.escaped:
                 self.store.free([oid])
+                self._object_events[oid] = {"node_id": self.node_id, "state": "FREED"}
 
     def _new_owned(self, oid: bytes) -> ObjectRef:
         entry = _Entry()
@@ -268,6 +270,9 @@ class CoreWorker:
         finally:
             del view
         self.store.seal(oid)
+        with self._lock:
+            self._object_events[oid] = {"node_id": self.node_id, "size": size,
+                                        "state": "IN_STORE", "owner_pid": self.pid}
         (buf,) = self.store.get([oid], timeout=0)
         self.store.release([oid])  # the creation pin; `buf` holds its own
         return buf
@@ -848,7 +853,7 @@ class CoreWorker:
                 now = time.monotonic()
                 self._drain_released()
                 self._return_idle_leases(now)
-                if now - last_flush >= _EVENT_FLUSH_S and self._events:
+                if now - last_flush >= _EVENT_FLUSH_S and (self._events or self._object_events):
                     last_flush = now
                     self._flush_events()
                 self.store.flush_releases()
@@ -952,12 +957,19 @@ class CoreWorker:
             lease.idle_since = time.monotonic()
 
     def _flush_events(self) -> None:
-        events, self._events = self._events, {}
-        items = [[tid, ev] for tid, ev in events.items()]
-        try:
-            self.gcs.put_batch("tasks", items, wait=False)
-        except Exception:
-            pass  # task events are best-effort observability; never fail a task
+        """Send task states and object locations to gcsd in one batch each.
+
+        Best-effort observability and lineage: a gcsd hiccup never fails a task.
+        """
+        for table, attr in (("tasks", "_events"), ("objects", "_object_events")):
+            events = getattr(self, attr)
+            if not events:
+                continue
+            setattr(self, attr, {})
+            try:
+                self.gcs.put_batch(table, [[k, v] for k, v in events.items()], wait=False)
+            except Exception:
+                pass
 
     # -------------------------------------------------------------- shutdown
     def shutdown(self) -> None:
@@ -980,8 +992,7 @@ class CoreWorker:
             except OSError:
                 pass
         self._io.join(timeout=2)
-        if self._events:
-            self._flush_events()
+        self._flush_events()
         try:
             self._raylet.sock.setblocking(True)
             if self._raylet_out:

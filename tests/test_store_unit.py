@@ -13,6 +13,7 @@ from daemons.stored.messages import (
     Contains,
     Create,
     Delete,
+    Free,
     Get,
     Hello,
     Release,
@@ -163,6 +164,19 @@ def test_create_seal_get_release_cycle_and_pins():
     assert t.stats()["pinned_bytes"] == 0 and OID1 in t.policy
     assert _ok(t.step(C, Delete(7, (OID1,)), 0.0))["deleted"] == 1
     assert t.stats()["num_objects"] == 0 and t.stats()["used"] == 0
+
+
+def test_free_after_release_reuses_the_same_memory():
+    t = _table()
+    off = _put(t, A, OID1, 1000, release=False)
+    assert t.step(A, Free((OID1,)), 0.0) == []  # still pinned: stays
+    assert t.stats()["num_objects"] == 1
+    t.step(A, Release((OID1,)), 0.0)
+    t.step(A, Free((OID1,)), 0.0)
+    assert t.stats()["num_objects"] == 0
+    # The next object lands on the freed (already faulted-in) range.
+    assert _ok(t.step(B, Create(3, OID2, 1000), 0.0))["offset"] == off
+    assert messages.parse({"t": "free", "oids": [OID2]}) == Free((OID2,))
 
 
 def test_release_by_another_client_does_not_drop_my_pin():

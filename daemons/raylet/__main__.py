@@ -31,6 +31,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory", type=int)
     p.add_argument("--resources", help="JSON map of custom resources")
     p.add_argument("--max-workers", type=int)
+    p.add_argument("--gcs-timeout", type=float, default=10.0,
+                   help="seconds to wait for gcsd at start-up")
     p.add_argument("--config")
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--log-level", default="info")
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from libclient.gcs_client import GcsClient
 
-    gcs = GcsClient(conf["gcs_address"], timeout=10.0)
+    gcs = GcsClient(conf["gcs_address"], timeout=ns.gcs_timeout)
     info = {"node_id": node_id, "address": "127.0.0.1", "raylet_socket": conf["socket"],
             "store_socket": conf["store_socket"], "resources": resources, "gpus": gpus,
             "pid": os.getpid(), "hostname": os.uname().nodename}
