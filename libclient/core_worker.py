@@ -748,9 +748,11 @@ class CoreWorker:
             return
         cls.requests.discard(rid)
         if not msg.get("ok"):
-            if msg.get("error") == "infeasible":
+            if msg.get("error") != "cancelled":
+                # Infeasible demand, workers that cannot start, a bad request:
+                # fail what waits for this lease rather than hang.
                 err = _error_wire(RaySystemError(
-                    f"task is infeasible on this node: {msg.get('msg')}"))
+                    f"the raylet refused a lease ({msg.get('error')}): {msg.get('msg', '')}"))
                 while cls.queue:
                     self._finish_error(cls.queue.popleft(), err)
             return

@@ -229,3 +229,4 @@ def test_raylet_bad_config_exits_nonzero(tmp_path, flag):
                           "tcp://127.0.0.1:1", flag], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "error:" in res.stderr
+

@@ -56,7 +56,8 @@ def _stop(proc, timeout=10):
 
 
 @pytest.fixture
-def node(tmp_path):
+def node(tmp_path, request):
+    extra = getattr(request, "param", [])
     run = tmp_path / "run"
     procs = []
     try:
@@ -69,7 +70,7 @@ def node(tmp_path):
         raylet_sock = str(run / "raylet.sock")
         raylet_proc, ready = _start("raylet", ["--socket", raylet_sock, "--store-socket", store_sock,
                                                "--gcs-address", gcs["address"], "--num-cpus", "2",
-                                               "--resources", '{"accel": 1}'], tmp_path)
+                                               "--resources", '{"accel": 1}', *extra], tmp_path)
         procs.append(raylet_proc)
         yield {"raylet": raylet_sock, "gcs": gcs["address"], "procs": procs, "tmp": tmp_path,
                "node_id": ready["node_id"]}
@@ -189,3 +190,40 @@ def test_raylet_exits_when_gcsd_is_unreachable(tmp_path):
     assert res.returncode == 2
     assert "gcsd" in res.stderr
     assert not os.path.exists(tmp_path / "r.sock")
+
+
+def test_shoal_status_cli(node):
+    res = subprocess.run([sys.executable, "-m", "libclient.cli", "status", "--address",
+                          node["raylet"]], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    status = json.loads(res.stdout)
+    assert status["cluster_resources"]["CPU"] == 2
+    assert status["nodes"][0]["NodeID"] == node["node_id"]
+    res = subprocess.run([sys.executable, "-m", "libclient.cli", "status", "--address",
+                          str(node["tmp"] / "nope.sock")], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert res.returncode == 1 and "cannot reach" in res.stderr
+
+
+@pytest.mark.parametrize("node", [["--worker-python", "/bin/false"]], indirect=True)
+def test_workers_that_cannot_start_fail_tasks_instead_of_hanging(node):
+    script = node["tmp"] / "broken.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import libclient as ray
+        from libclient.exceptions import RaySystemError
+        ray.init(address=sys.argv[1])
+        @ray.remote
+        def f():
+            return 1
+        try:
+            ray.get(f.remote(), timeout=60)
+        except RaySystemError as e:
+            print("FAILED CLEARLY", e)
+        ray.shutdown()
+    """))
+    res = subprocess.run([sys.executable, str(script), node["raylet"]], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "FAILED CLEARLY" in res.stdout and "worker_start_failed" in res.stdout
+    assert node["procs"][2].poll() is None  # the raylet itself keeps running

@@ -31,6 +31,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory", type=int)
     p.add_argument("--resources", help="JSON map of custom resources")
     p.add_argument("--max-workers", type=int)
+    p.add_argument("--worker-python", help="interpreter for workers (default: this one)")
     p.add_argument("--gcs-timeout", type=float, default=10.0,
                    help="seconds to wait for gcsd at start-up")
     p.add_argument("--config")
@@ -42,7 +43,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def _settings(ns: argparse.Namespace) -> dict[str, Any]:
     conf = shell.load_config(ns.config, "raylet")
     known = {"socket", "store_socket", "gcs_address", "node_id", "num_cpus", "num_gpus",
-             "memory", "resources", "max_workers"}
+             "memory", "resources", "max_workers", "worker_python"}
     unknown = set(conf) - known - {"session_dir"}
     if unknown:
         raise shell.ConfigError(f"unknown raylet config keys: {sorted(unknown)}")
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     env = dict(os.environ)
     env.pop("NOTIFY_SOCKET", None)
-    pool = WorkerPool(["--raylet", conf["socket"]], os.path.dirname(os.path.abspath(conf["socket"])), env)
+    pool = WorkerPool(["--raylet", conf["socket"]], os.path.dirname(os.path.abspath(conf["socket"])),
+                      env, python=conf.get("worker_python") or sys.executable)
     ncpu = int(resources.get("CPU", 1))
     raylet = Raylet(listen=listen, socket_path=conf["socket"], node_id=node_id,
                     resources=resources, gpus=gpus, pool=pool,

@@ -25,11 +25,13 @@ from typing import Any
 
 from daemons.raylet.resources import GpuInstances, ResourceSet
 from daemons.raylet.scheduler import Infeasible, LeaseRequest, LeaseScheduler
-from daemons.raylet.worker_pool import IDLE, LEASED, Worker, WorkerPool
+from daemons.raylet.worker_pool import IDLE, LEASED, STARTING, Worker, WorkerPool
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 from libclient.protocol import field as mfield
 
 _HEARTBEAT_S = 1.0
+_MAX_START_FAILURES = 5
+_START_BACKOFF_S = 5.0
 _CPU = ("CPU",)
 
 
@@ -85,6 +87,11 @@ class Raylet:
         self._next_lease = 0
         self._last_heartbeat = 0.0
         self.prestart = int(resources.get("CPU", 0))
+        # Workers that exit before registering, in a row (a broken Python
+        # environment, say). Past the limit, waiting leases fail with the
+        # reason instead of waiting forever, and restarts back off.
+        self._start_failures = 0
+        self._no_starts_until = 0.0
 
     # ---- lifecycle -------------------------------------------------------
     def start_workers(self) -> None:
@@ -200,7 +207,9 @@ class Raylet:
         for lease_id in list(conn.leases):
             self._end_lease(lease_id, kill=True)
         if conn.worker is not None:
-            self._worker_gone(conn.worker)
+            worker, conn.worker = conn.worker, None
+            worker.conn = None
+            self._worker_gone(worker)
         self._schedule()
 
     def _unreserve(self, item: tuple[LeaseRequest, _Conn, list[int]]) -> bool:
@@ -249,6 +258,7 @@ class Raylet:
             worker.conn = conn
             worker.state = IDLE
             conn.worker = worker
+            self._start_failures = 0
             self.log.info("worker_registered", worker_id=wid.hex(), worker_pid=worker.pid)
         self._send(conn, {"r": mfield(msg, "r", int), "ok": True, "node_id": self.node_id,
                           "store_socket": self.store_socket, "gcs_address": self.gcs_address,
@@ -309,7 +319,8 @@ class Raylet:
             worker = self.pool.idle()
             if worker is None:
                 starting = self.pool.count("STARTING")
-                if starting < len(self.awaiting) and len(self.pool.workers) < self.max_workers:
+                if (starting < len(self.awaiting) and len(self.pool.workers) < self.max_workers
+                        and self._can_start()):
                     self.pool.start()
                 return
             req, conn, gpus = self.awaiting.pop(0)
@@ -342,6 +353,10 @@ class Raylet:
             worker.state = IDLE
 
     def _worker_gone(self, worker: Worker) -> None:
+        """A worker's process exited or its connection closed: account and replace it."""
+        if worker.conn is not None and not worker.conn.closed:
+            worker.conn.worker = None
+            self._close(worker.conn, "worker process exited")
         if worker.lease_id is not None:
             self._end_lease(worker.lease_id, kill=False)
         self.pool.forget(worker)
@@ -352,9 +367,27 @@ class Raylet:
             worker.proc.wait()
         self.log.info("worker_exited", worker_id=worker.worker_id.hex(),
                       worker_pid=worker.pid, returncode=worker.proc.returncode)
+        if worker.state == STARTING:
+            self._start_failures += 1
+            if self._start_failures >= _MAX_START_FAILURES:
+                self._no_starts_until = time.monotonic() + _START_BACKOFF_S
+                reason = (f"{self._start_failures} workers in a row exited before registering "
+                          f"(last status {worker.proc.returncode}); see the raylet log")
+                self.log.error("workers_fail_to_start", reason=reason)
+                for req, conn, gpus in self.awaiting:
+                    self._unreserve((req, conn, gpus))
+                    self._send(conn, {"r": req.request_id, "ok": False,
+                                      "error": "worker_start_failed", "msg": reason})
+                self.awaiting = []
         self._refill()
+        self._schedule()
+
+    def _can_start(self) -> bool:
+        return time.monotonic() >= self._no_starts_until
 
     def _refill(self) -> None:
+        if not self._can_start():
+            return
         live = len(self.pool.workers)
         for _ in range(max(0, self.prestart - live)):
             self.pool.start()
@@ -362,16 +395,9 @@ class Raylet:
     # ---- periodic ---------------------------------------------------------
     def _housekeeping(self) -> None:
         for worker in self.pool.reap():
-            # Died before registering, or its connection is not closed yet.
-            if worker.conn is not None and not worker.conn.closed:
-                worker.conn.worker = None
-                self._close(worker.conn, "worker process exited")
-            if worker.lease_id is not None:
-                self._end_lease(worker.lease_id, kill=False)
-            self.log.info("worker_exited", worker_id=worker.worker_id.hex(),
-                          worker_pid=worker.pid, returncode=worker.proc.returncode)
+            self._worker_gone(worker)
+        if len(self.pool.workers) < self.prestart:
             self._refill()
-            self._schedule()
         now = time.monotonic()
         if now - self._last_heartbeat >= _HEARTBEAT_S and self.gcs is not None:
             self._last_heartbeat = now

@@ -50,12 +50,13 @@ class WorkerPool:
     argv_base: list[str]
     socket_dir: str
     env: dict[str, str]
+    python: str = sys.executable
     workers: dict[bytes, Worker] = field(default_factory=dict)
 
     def start(self) -> Worker:
         worker_id = os.urandom(8)
         path = os.path.join(self.socket_dir, f"w-{worker_id.hex()}.sock")
-        argv = [sys.executable, "-m", "libclient.worker", *self.argv_base,
+        argv = [self.python, "-m", "libclient.worker", *self.argv_base,
                 "--worker-id", worker_id.hex(), "--socket", path]
         proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with_parent,
                                 stdin=subprocess.DEVNULL, close_fds=True)
@@ -73,11 +74,8 @@ class WorkerPool:
         return sum(1 for w in self.workers.values() if w.state in states)
 
     def reap(self) -> list[Worker]:
-        """Forget workers whose process has exited; return them."""
-        dead = [w for w in self.workers.values() if w.proc.poll() is not None]
-        for w in dead:
-            self.forget(w)
-        return dead
+        """Workers whose process has exited; the caller forgets them."""
+        return [w for w in self.workers.values() if w.proc.poll() is not None]
 
     def forget(self, worker: Worker) -> None:
         self.workers.pop(worker.worker_id, None)
