@@ -83,6 +83,7 @@ class Raylet:
         # Granted requests waiting for a worker: (request, conn, lease_r, gpus).
         self.awaiting: list[tuple[LeaseRequest, _Conn, list[int]]] = []
         self.request_conn: dict[tuple[int, int], _Conn] = {}
+        self.last_loop = time.monotonic()
         self._next_cid = 0
         self._next_lease = 0
         self._last_heartbeat = 0.0
@@ -100,6 +101,7 @@ class Raylet:
 
     def run(self, stop: Any) -> None:
         while not stop.stopping:
+            self.last_loop = time.monotonic()  # a watchdog reads this: the loop turns
             for key, events in self.sel.select(timeout=0.1):
                 if key.data is None:
                     self._accept()
