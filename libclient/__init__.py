@@ -11,6 +11,7 @@
 """
 
 from libclient import exceptions
+from libclient.actor import ActorClass, ActorHandle, get_actor, kill, method
 from libclient.api import (
     available_resources,
     cancel,
@@ -29,7 +30,7 @@ from libclient.api import (
 from libclient.object_ref import ObjectRef
 
 __all__ = [
-    "ObjectRef", "available_resources", "cancel", "cluster_resources", "exceptions", "get",
+    "ActorClass", "ActorHandle", "ObjectRef", "get_actor", "kill", "method", "available_resources", "cancel", "cluster_resources", "exceptions", "get",
     "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote",
     "shutdown", "wait",
 ]

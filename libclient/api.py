@@ -224,8 +224,24 @@ def remote(*args: Any, **options: Any) -> Any:
 
 def _make_remote(obj: Any, options: dict[str, Any]) -> Any:
     if isinstance(obj, type):
-        raise NotImplementedError("actors (@remote on a class) are not built yet")
+        from libclient.actor import ActorClass
+
+        return ActorClass(obj, options)
     return RemoteFunction(obj, options)
+
+
+def default_namespace() -> str:
+    """The namespace named actors live in: init's, or one private to this job."""
+    if _namespace:
+        return _namespace
+    core = _require()
+    if core.kind == "worker":  # a worker serves its task's job: use that job's namespace
+        record = core.gcs.table_get("jobs", core.job_id.to_bytes(4, "big")) or {}
+        if record.get("namespace"):
+            return record["namespace"]
+    return f"anonymous-{core.job_id}"
+
+
 
 
 # ---------------------------------------------------------------- objects
@@ -309,6 +325,10 @@ class RuntimeContext:
 
     def get_worker_id(self) -> str:
         return self._core.worker_id.hex()
+
+    def get_actor_id(self) -> str | None:
+        aid = self._core.current_actor_id
+        return aid.hex() if aid is not None else None
 
     def get_task_id(self) -> str | None:
         tid = self._core.current_task_id

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import select
 import selectors
 import socket
 import threading
@@ -101,7 +102,7 @@ class _Task:
 
 class _Lease:
     __slots__ = ("lease_id", "worker_id", "pid", "sock", "decoder", "out", "inflight",
-                 "key", "gpus", "idle_since", "dead")
+                 "key", "gpus", "idle_since", "dead", "claimed")
 
     def __init__(self, lease_id: int, worker_id: bytes, pid: int, sock: socket.socket,
                  key: tuple, gpus: list[int]) -> None:
@@ -116,6 +117,7 @@ class _Lease:
         self.gpus = gpus
         self.idle_since = time.monotonic()
         self.dead = False
+        self.claimed = False  # a waiting user thread reads this socket itself
 
 
 class _Class:
@@ -134,6 +136,36 @@ class _Class:
         # Pipeline several tasks per worker only when tasks are short, so a
         # long task never hides more than ~2 ms of others behind it.
         return max(1, min(_MAX_DEPTH, int(_TARGET_PIPELINE_S / max(self.task_time, 1e-6))))
+
+
+class _Actor:
+    """A caller's view of one actor: its connection and the calls it owes.
+
+    Calls queue here in submission order and go out strictly in that order,
+    each once its arguments are ready, so one caller's calls run in order.
+    """
+
+    __slots__ = ("actor_id", "state", "sock", "decoder", "out", "inflight", "queue", "dead",
+                 "pid", "socket_path", "lost_pid", "dead_wire", "create_task", "next_poll",
+                 "key", "claimed")
+
+    def __init__(self, actor_id: bytes) -> None:
+        self.actor_id = actor_id
+        self.key = ("actor", actor_id)
+        self.state = "UNKNOWN"
+        self.sock: socket.socket | None = None
+        self.decoder = FrameDecoder()
+        self.out = bytearray()
+        self.inflight: dict[bytes, _Task] = {}
+        self.queue: collections.deque[_Task] = collections.deque()
+        self.dead = False  # the current connection is closed (for the writer)
+        self.pid = 0
+        self.socket_path = ""
+        self.lost_pid = 0  # a connection to this incarnation broke: wait for a new one
+        self.dead_wire: list | None = None
+        self.create_task: _Task | None = None
+        self.next_poll = 0.0
+        self.claimed = False
 
 
 class CoreWorker:
@@ -159,6 +191,10 @@ class CoreWorker:
         self._closed = False
         self.current_task_id: bytes | None = None
         self.current_gpus: list[int] = []
+        self.current_actor_id: bytes | None = None
+        self._actors: dict[bytes, _Actor] = {}
+        self._actor_creates: dict[int, _Actor] = {}  # raylet request id -> actor
+        self._actor_sub: Any = None  # gcsd subscription to the actors table
         self.job_id = job_id
         self._blocked_depth = 0
 
@@ -314,7 +350,7 @@ class CoreWorker:
                     out.append(None)
                     continue
                 if entry.state != READY:
-                    self._wait_entry(entry, deadline)
+                    self._wait_entry(entry, deadline, ref._id)
                 out.append(entry)
         values = []
         for ref, entry in zip(refs, out, strict=False):
@@ -331,14 +367,63 @@ class CoreWorker:
             values.append(value)
         return values
 
-    def _wait_entry(self, entry: _Entry, deadline: float | None) -> None:
+    def _reply_conn(self, oid: bytes | None) -> _Lease | _Actor | None:
+        """The connection the reply for ``oid`` will arrive on, if it is in flight."""
+        if oid is None:
+            return None
+        task = self._tasks.get(oid[:16])
+        conn = task.lease if task is not None else None
+        if conn is None or conn.dead or conn.sock is None or conn.claimed:
+            return None
+        return conn
+
+    def _read_directly(self, conn: _Lease | _Actor, timeout: float) -> None:
+        """Wait for a reply by reading its socket in this thread (lock held on entry).
+
+        Handing each reply from the I/O thread to the waiting thread costs a
+        thread wake-up per call; a synchronous get reads the socket itself.
+        The socket leaves the I/O thread's selector meanwhile, and every read
+        still goes through the same decoder under the lock, so a stale event
+        seen by the I/O thread cannot split the stream.
+        """
+        sock = conn.sock
+        try:
+            self._sel.unregister(sock)
+        except (KeyError, ValueError):
+            self._cv.wait(timeout)
+            return
+        conn.claimed = True
+        try:
+            if conn.out:
+                self._flush_target(conn)
+            saved = self._lock._release_save()  # type: ignore[attr-defined]
+            try:
+                readable, _, _ = select.select([sock], [], [], timeout)
+            finally:
+                self._lock._acquire_restore(saved)  # type: ignore[attr-defined]
+            if readable and conn.sock is sock:
+                self._read_lease(conn)  # type: ignore[arg-type]
+        finally:
+            conn.claimed = False
+            if conn.sock is sock and not conn.dead:
+                mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+                try:
+                    self._sel.register(sock, mask, conn)
+                except (KeyError, ValueError):
+                    pass
+
+    def _wait_entry(self, entry: _Entry, deadline: float | None, oid: bytes | None = None) -> None:
         self._set_blocked(True)
         try:
             while entry.state != READY:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise GetTimeoutError("get timed out")
-                self._cv.wait(remaining if remaining is not None else 1.0)
+                conn = self._reply_conn(oid)
+                if conn is not None:
+                    self._read_directly(conn, 0.05 if remaining is None else min(remaining, 0.05))
+                else:
+                    self._cv.wait(remaining if remaining is not None else 1.0)
                 if self._closed:
                     raise RaySystemError("libclient was shut down")
         finally:
@@ -451,6 +536,14 @@ class CoreWorker:
     def submit(self, fn_key: bytes, name: str, args: tuple, kwargs: dict, *,
                num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any
                ) -> list[ObjectRef]:
+        return self._build_call(fn_key, name, args, kwargs, num_returns=num_returns,
+                                demand=demand, max_retries=max_retries,
+                                retry_exceptions=retry_exceptions, key=None, spec=None)
+
+    def _build_call(self, fn_key: bytes, name: str, args: tuple, kwargs: dict, *,
+                    num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any,
+                    key: tuple | None, spec: dict | None) -> list[ObjectRef]:
+        """Make a task, actor call or actor creation; queue it; return its refs."""
         tid = os.urandom(16)
         deps = []
         if any(type(a) is ObjectRef for a in args):
@@ -487,7 +580,12 @@ class CoreWorker:
         if retry_exceptions:
             msg["rex"] = retry_exceptions if isinstance(retry_exceptions, bool) else \
                 serialization.serialize(retry_exceptions).to_wire()
-        key = tuple(sorted(demand.items()))
+        if spec:
+            msg.update(spec)
+        if key is None:
+            key = tuple(sorted(demand.items()))
+        elif key[0] == "create":
+            num_returns = 0
         return_ids = [tid + i.to_bytes(4, "little") for i in range(num_returns)]
         with self._lock:
             self._drain_released()
@@ -506,15 +604,211 @@ class CoreWorker:
                         entry.waiters = []
                     entry.waiters.append(task)
                     task.unresolved += 1
-            if task.unresolved == 0:
+            if key[0] == "actor":
+                # Calls keep their order even while arguments are pending.
+                a = self._actor(key[1])
+                a.queue.append(task)
+                self._pump_actor(a)
+            elif key[0] == "create":
+                a = self._actor(key[1])
+                a.state = "PENDING_CREATION"
+                a.create_task = task
+                if task.unresolved == 0:
+                    self._enqueue(task)
+            elif task.unresolved == 0:
                 self._enqueue(task)
         return out
 
+    # ---------------------------------------------------------------- actors
+    def create_actor(self, actor_id: bytes, cls_key: bytes, class_name: str, args: tuple,
+                     kwargs: dict, *, demand: dict, spec: dict) -> None:
+        """Ask the raylet for an actor; returns at once (creation is asynchronous)."""
+        refs = self._build_call(cls_key, class_name, args, kwargs, num_returns=1,
+                                demand=demand, max_retries=0, retry_exceptions=False,
+                                key=("create", actor_id), spec=spec)
+        del refs  # creation has no return value; errors surface at method calls
+
+    def submit_actor_call(self, actor_id: bytes, method: str, name: str, args: tuple,
+                          kwargs: dict, *, num_returns: int, max_retries: int) -> list[ObjectRef]:
+        msg_extra = {"method": method, "t": "call"}
+        return self._build_call(b"", name, args, kwargs, num_returns=num_returns, demand={},
+                                max_retries=max_retries, retry_exceptions=False,
+                                key=("actor", actor_id), spec=msg_extra)
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
+        with self._lock:
+            self._raylet_send({"t": "kill_actor", "actor_id": actor_id, "no_restart": no_restart})
+
+    def _actor(self, actor_id: bytes) -> _Actor:
+        a = self._actors.get(actor_id)
+        if a is None:
+            a = self._actors[actor_id] = _Actor(actor_id)
+        return a
+
+    def _pump_actor(self, a: _Actor) -> None:
+        """Send queued calls in order, as far as arguments and the connection allow."""
+        if a.state == "DEAD":
+            while a.queue:
+                self._finish_error(a.queue.popleft(), a.dead_wire or _actor_died_wire(a, ""))
+            return
+        if a.sock is None:
+            if a.state == "ALIVE" and a.socket_path and a.pid != a.lost_pid:
+                self._actor_connect(a)
+            if a.sock is None:
+                if a.queue:
+                    self._watch_actor(a)
+                return
+        while a.queue:
+            task = a.queue[0]
+            if task.cancelled:
+                a.queue.popleft()
+                continue
+            if task.unresolved:
+                return
+            a.queue.popleft()
+            failed = self._resolve_args(task)
+            if failed is not None:
+                self._finish_error(task, failed)
+                continue
+            task.lease = a  # type: ignore[assignment]
+            a.inflight[task.tid] = task
+            ev = self._events.get(task.tid)
+            if ev is not None:
+                ev["state"] = "RUNNING"
+            self._write(a, pack(task.msg))  # type: ignore[arg-type]
+
+    def _actor_connect(self, a: _Actor) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
+            sock.connect(a.socket_path)
+        except OSError:
+            sock.close()
+            a.lost_pid = a.pid
+            self._watch_actor(a)
+            return
+        sock.setblocking(False)
+        a.sock, a.dead, a.decoder, a.out = sock, False, FrameDecoder(), bytearray()
+        self._sel.register(sock, selectors.EVENT_READ, a)
+
+    def _watch_actor(self, a: _Actor) -> None:
+        """Follow this actor's row in gcsd until it is reachable or dead."""
+        if self._actor_sub is None:
+            try:
+                from libclient.gcs_client import GcsSubscriber
+
+                info = self.gcs.call("info")
+                self._actor_sub = GcsSubscriber(info["pubsub"], ["actors"])
+            except Exception:
+                self._actor_sub = False  # polling alone still works
+        if a.next_poll == 0.0:
+            a.next_poll = time.monotonic()
+            try:
+                os.write(self._wake_w, b"p")
+            except BlockingIOError:
+                pass
+
+    def _on_actor_record(self, rec: Any) -> None:
+        if not isinstance(rec, dict):
+            return
+        a = self._actors.get(rec.get("actor_id", b""))
+        if a is None or a.state == "DEAD":
+            return
+        state = rec.get("state")
+        if state == "ALIVE" and rec.get("pid") != a.lost_pid:
+            if a.sock is not None and a.pid != rec.get("pid"):
+                self._actor_conn_lost(a, "the actor restarted")
+            a.state, a.pid, a.socket_path = "ALIVE", rec.get("pid", 0), rec.get("socket", "")
+            a.next_poll = 0.0
+            self._pump_actor(a)
+        elif state == "DEAD":
+            a.state = "DEAD"
+            a.next_poll = 0.0
+            if a.dead_wire is None:
+                a.dead_wire = _actor_died_wire(a, rec.get("death_cause", ""))
+            if a.sock is None:
+                self._pump_actor(a)
+        elif state in ("PENDING_CREATION", "RESTARTING"):
+            a.state = state
+
+    def _actor_conn_lost(self, a: _Actor, why: str) -> None:
+        """The actor's process went away: retry or fail what was in flight."""
+        if a.sock is not None:
+            try:
+                self._sel.unregister(a.sock)
+            except (KeyError, ValueError):
+                pass
+            a.sock.close()
+        a.sock, a.dead = None, True
+        a.lost_pid = a.pid
+        if a.state == "ALIVE":
+            a.state = "UNKNOWN"
+        retry = []
+        for task in a.inflight.values():
+            task.lease = None
+            if task.retries_left > 0 and not task.cancelled:
+                task.retries_left -= 1
+                retry.append(task)
+            else:
+                self._finish_error(task, _actor_died_wire(
+                    a, f"the actor died while running {task.name} ({why})"))
+        a.inflight.clear()
+        a.queue.extendleft(reversed(retry))
+        self._pump_actor(a)
+
+    def _poll_actors(self, now: float) -> None:
+        sub = self._actor_sub
+        if sub:
+            for _ in range(1000):
+                try:
+                    note = sub.recv(0)
+                except Exception:
+                    break
+                if note is None:
+                    break
+                self._on_actor_record(note.get("value"))
+        for a in list(self._actors.values()):
+            if a.next_poll and now >= a.next_poll:
+                a.next_poll = now + 0.25
+                try:
+                    self._on_actor_record(self.gcs.table_get("actors", a.actor_id))
+                except Exception:
+                    pass
+
+    def _on_actor_created(self, a: _Actor, msg: dict) -> None:
+        task, a.create_task = a.create_task, None
+        if msg.get("ok"):
+            a.state, a.pid, a.socket_path = "ALIVE", msg["pid"], msg["socket"]
+        else:
+            a.state = "DEAD"
+            a.dead_wire = _actor_died_wire(a, msg.get("msg", msg.get("error", "")),
+                                           msg.get("wire"))
+        if task is not None:
+            self._task_done(task, "FINISHED" if msg.get("ok") else "FAILED")
+        self._pump_actor(a)
+
     def _enqueue(self, task: _Task) -> None:
         # Called with the lock held and every owned dependency READY.
+        if task.key[0] == "actor":
+            self._pump_actor(self._actor(task.key[1]))
+            return
         failed = self._resolve_args(task)
         if failed is not None:
+            if task.key[0] == "create":
+                a = self._actor(task.key[1])
+                a.state, a.dead_wire, a.create_task = "DEAD", failed, None
+                self._pump_actor(a)
             self._finish_error(task, failed)
+            return
+        if task.key[0] == "create":
+            a = self._actor(task.key[1])
+            self._raylet_ids += 1
+            self._actor_creates[self._raylet_ids] = a
+            m = task.msg
+            spec = {"cls": m["fn"], "args": m["args"], "deps": m.get("deps"),
+                    "job": self.job_id, **{k: m[k] for k in _ACTOR_SPEC_KEYS if k in m}}
+            self._raylet_send({"t": "create_actor", "r": self._raylet_ids,
+                               "actor_id": a.actor_id, "res": task.demand, "spec": spec})
             return
         cls = self._classes.get(task.key)
         if cls is None:
@@ -645,6 +939,10 @@ class CoreWorker:
             task.retries_left = 0
             err = _error_wire(TaskCancelledError(f"task {task.name} was cancelled"))
             lease = task.lease
+            if isinstance(lease, _Actor):
+                if force:
+                    raise ValueError("force=True cannot cancel an actor call; use kill()")
+                return  # a running actor call is not interrupted (as in Ray for sync actors)
             if lease is None:
                 # Queued or waiting for arguments: it never ran.
                 self._finish_error(task, err)
@@ -729,12 +1027,18 @@ class CoreWorker:
         else:
             self._events[task.tid] = {"state": state}
         self._cv.notify_all()
-        if task.lease is not None:
+        if isinstance(task.lease, _Lease):
             cls = self._classes.get(task.key)
             if cls is not None:
                 self._pump(cls)
 
     def _requeue(self, task: _Task) -> None:
+        if task.key[0] == "actor":
+            a = self._actor(task.key[1])
+            a.inflight.pop(task.tid, None)
+            a.queue.appendleft(task)
+            self._pump_actor(a)
+            return
         cls = self._classes.get(task.key)
         if cls is None:
             cls = self._classes[task.key] = _Class(task.demand)
@@ -743,6 +1047,10 @@ class CoreWorker:
 
     def _on_lease_reply(self, msg: dict) -> None:
         rid = msg.get("r")
+        actor = self._actor_creates.pop(rid, None)
+        if actor is not None:
+            self._on_actor_created(actor, msg)
+            return
         cls = self._lease_reqs.pop(rid, None)
         if cls is None:
             return
@@ -779,6 +1087,9 @@ class CoreWorker:
 
     def _lease_failed(self, lease: _Lease, why: str) -> None:
         """The leased worker's socket closed: retry or fail what it was running."""
+        if isinstance(lease, _Actor):
+            self._actor_conn_lost(lease, why)
+            return
         if lease.dead:
             return
         lease.dead = True
@@ -831,6 +1142,8 @@ class CoreWorker:
         last_flush = time.monotonic()
         while not self._closed:
             timeout = 0.05 if any(c.leases for c in self._classes.values()) else 0.2
+            if self._actors and (self._actor_sub or any(a.next_poll for a in self._actors.values())):
+                timeout = 0.02
             try:
                 events = self._sel.select(timeout=timeout)
             except (OSError, ValueError):
@@ -847,7 +1160,8 @@ class CoreWorker:
                             pass
                     elif target == "raylet":
                         self._read_raylet()
-                    elif isinstance(target, _Lease) and mask & selectors.EVENT_READ:
+                    elif (isinstance(target, (_Lease, _Actor)) and mask & selectors.EVENT_READ
+                          and not target.claimed):
                         self._read_lease(target)
                     if mask & selectors.EVENT_WRITE:
                         self._flush_target(target)
@@ -855,6 +1169,8 @@ class CoreWorker:
                 now = time.monotonic()
                 self._drain_released()
                 self._return_idle_leases(now)
+                if self._actors:
+                    self._poll_actors(now)
                 if now - last_flush >= _EVENT_FLUSH_S and (self._events or self._object_events):
                     last_flush = now
                     self._flush_events()
@@ -883,7 +1199,7 @@ class CoreWorker:
     def _flush_target(self, target: Any) -> None:
         if target == "raylet":
             buf, sock = self._raylet_out, self._raylet.sock
-        elif isinstance(target, _Lease) and not target.dead:
+        elif isinstance(target, (_Lease, _Actor)) and not target.dead:
             buf, sock = target.out, target.sock
         else:
             return
@@ -955,7 +1271,7 @@ class CoreWorker:
             return
         for msg in msgs:
             self._on_task_reply(lease, msg)
-        if not lease.inflight:
+        if not lease.inflight and isinstance(lease, _Lease):
             lease.idle_since = time.monotonic()
 
     def _flush_events(self) -> None:
@@ -1048,6 +1364,22 @@ def error_wire_from(exc: BaseException, name: str) -> list:
 
         plain = RayTaskError(name, tb, RayError(f"{type(exc).__name__}: {exc}"), os.getpid())
         return serialization.serialize(plain, serialization.KIND_ERROR).to_wire()
+
+
+_ACTOR_SPEC_KEYS = ("class_name", "name", "namespace", "detached", "max_restarts",
+                    "max_concurrency", "is_async", "meta")
+
+
+def _actor_died_wire(a: _Actor, cause: str, init_wire: list | None = None) -> list:
+    from libclient.exceptions import ActorDiedError
+
+    init_error = None
+    if init_wire is not None:
+        try:
+            init_error = serialization.deserialize_wire(init_wire)[1]
+        except Exception:
+            init_error = None
+    return _error_wire(ActorDiedError(a.actor_id.hex(), cause, init_error))
 
 
 def _pid_alive(pid: int) -> bool:

@@ -90,6 +90,33 @@ class ObjectStoreFullError(RayError):
     """The node's object store has no room, even after evicting unused objects."""
 
 
+class ActorDiedError(RayError):
+    """The actor is dead (or died while running this call) and will not answer.
+
+    ``cause`` says why; ``init_error`` holds the exception its ``__init__``
+    raised, if that is how it died.
+    """
+
+    def __init__(self, actor_id: str = "", cause: str = "", init_error: Any = None) -> None:
+        self.actor_id = actor_id
+        self.cause = cause
+        self.init_error = init_error
+        super().__init__(actor_id, cause, init_error)
+
+    def __str__(self) -> str:
+        text = f"actor {self.actor_id[:16]} is dead: {self.cause}"
+        if self.init_error is not None:
+            text += f"\n__init__ raised: {self.init_error}"
+        return text
+
+
+RayActorError = ActorDiedError
+
+
+class ActorUnavailableError(RayError):
+    """The actor cannot be reached right now (restarting)."""
+
+
 class RaySystemError(RayError):
     """Shoal itself failed: a daemon is unreachable or answered nonsense."""
 

@@ -9,6 +9,7 @@ messages, run them in order, write each result back as soon as it exists.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import os
 import signal
@@ -39,6 +40,7 @@ class TaskRunner:
         self.backlog: collections.deque[dict] = collections.deque()
         self.cancelled: set[bytes] = set()
         self.running: bytes | None = None
+        self.actor: Any = None  # an ActorHost once this worker hosts an actor
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, _signum: int, _frame: Any) -> None:
@@ -85,6 +87,13 @@ class TaskRunner:
                     msg = self.backlog.popleft()
                     if msg["t"] == "task":
                         conn.sendall(pack(self.run(msg)))
+                    elif msg["t"] == "actor_init":
+                        from libclient.actor_host import ActorHost
+
+                        self.actor = ActorHost.create(self, msg)
+                        conn.sendall(pack(self.actor.init_reply))
+                        if self.actor.instance is not None:
+                            return
                     self._read_nowait()
         except ProtocolError as exc:
             print(f"worker: bad message from holder: {exc}", file=sys.stderr)
@@ -95,13 +104,8 @@ class TaskRunner:
             conn.close()
 
     def run(self, msg: dict) -> dict:
-        tid = msg["tid"]
-        name = msg.get("name", "?")
-        nret = msg.get("nret", 1)
-        start = time.perf_counter()
+        """Run one task message; return its ``done`` reply."""
         core = self.core
-        if tid in self.cancelled:
-            return self._error(tid, name, nret, TaskCancelledError(f"task {name} was cancelled"), start)
         core.job_id = msg.get("job", 0)
         gpus = msg.get("gpus")
         if gpus is not None:
@@ -111,23 +115,66 @@ class TaskRunner:
             core.current_gpus = []
         try:
             fn = core.fetch_function(msg["fn"])
+        except Exception as exc:
+            return self._error(msg["tid"], msg.get("name", "?"), msg.get("nret", 1), exc,
+                               time.perf_counter())
+        return self.execute(msg, fn)
+
+    def execute(self, msg: dict, fn: Any, track: bool = True) -> dict:
+        """Resolve arguments, call ``fn``, and build the reply (task or actor method).
+
+        ``track`` marks the call as the process's current task, for blocked-get
+        notices and cancellation; concurrent actor calls run untracked.
+        """
+        tid = msg["tid"]
+        name = msg.get("name", "?")
+        nret = msg.get("nret", 1)
+        start = time.perf_counter()
+        core = self.core
+        if tid in self.cancelled:
+            return self._error(tid, name, nret, TaskCancelledError(f"task {name} was cancelled"), start)
+        try:
             args, kwargs = self._args(msg)
         except Exception as exc:
             return self._error(tid, name, nret, exc, start)
-        core.current_task_id = tid
-        self.running = tid
+        if track:
+            core.current_task_id = tid
+            self.running = tid
         try:
             result = fn(*args, **kwargs)
         except _Cancelled:
             return self._error(tid, name, nret, TaskCancelledError(f"task {name} was cancelled"), start)
         except Exception as exc:
-            status = 2 if self._retryable(msg, exc) else 1
-            return {"t": "done", "tid": tid, "err": status, "dur": time.perf_counter() - start,
-                    "rets": [["v", error_wire_from(exc, name)]] * nret}
+            return self._raised(msg, exc, start)
         finally:
-            self.running = None
-            core.current_task_id = None
+            if track:
+                self.running = None
+                core.current_task_id = None
             del args, kwargs
+        return self.finish(msg, result, start)
+
+    async def execute_async(self, msg: dict, fn: Any) -> dict:
+        """The same for an async actor's method: await it on the actor's loop."""
+        start = time.perf_counter()
+        try:
+            args, kwargs = self._args(msg)
+        except Exception as exc:
+            return self._error(msg["tid"], msg.get("name", "?"), msg.get("nret", 1), exc, start)
+        try:
+            result = fn(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+                result = await result
+        except Exception as exc:
+            return self._raised(msg, exc, start)
+        return self.finish(msg, result, start)
+
+    def _raised(self, msg: dict, exc: Exception, start: float) -> dict:
+        status = 2 if self._retryable(msg, exc) else 1
+        return {"t": "done", "tid": msg["tid"], "err": status, "dur": time.perf_counter() - start,
+                "rets": [["v", error_wire_from(exc, msg.get("name", "?"))]] * msg.get("nret", 1)}
+
+    def finish(self, msg: dict, result: Any, start: float) -> dict:
+        tid, name, nret = msg["tid"], msg.get("name", "?"), msg.get("nret", 1)
         try:
             return {"t": "done", "tid": tid, "err": 0, "dur": time.perf_counter() - start,
                     "rets": self._returns(tid, result, nret)}
@@ -223,10 +270,11 @@ def main(argv: list[str] | None = None) -> None:
     api._attach_worker(core)
     runner = TaskRunner(core)
     try:
-        while True:
+        while runner.actor is None or runner.actor.instance is None:
             conn, _ = listen.accept()
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
             runner.serve(conn)
+        runner.actor.serve(listen)
     except KeyboardInterrupt:
         pass
     except RaySystemError as exc:

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from daemons.raylet import actors as actor_states
+from daemons.raylet.actors import ActorDirectory, ActorRecord, Dead, Restart
 from daemons.raylet.resources import GpuInstances, ResourceSet
 from daemons.raylet.scheduler import Infeasible, LeaseRequest, LeaseScheduler
 from daemons.raylet.worker_pool import IDLE, LEASED, STARTING, Worker, WorkerPool
@@ -31,6 +33,7 @@ from libclient.protocol import field as mfield
 
 _HEARTBEAT_S = 1.0
 _MAX_START_FAILURES = 5
+_ACTORS = -1  # client id of lease requests the raylet makes for its actors
 _START_BACKOFF_S = 5.0
 _CPU = ("CPU",)
 
@@ -45,12 +48,13 @@ class _Conn:
     worker: Worker | None = None
     leases: set[int] = field(default_factory=set)
     closed: bool = False
+    actor_id: bytes | None = None  # set on the raylet's own actor_init connections
 
 
 @dataclass(eq=False)
 class _Lease:
     lease_id: int
-    holder: _Conn
+    holder: _Conn | None  # None for an actor's lease, which the raylet holds
     worker: Worker
     demand: ResourceSet
     gpus: list[int]
@@ -83,6 +87,9 @@ class Raylet:
         # Granted requests waiting for a worker: (request, conn, lease_r, gpus).
         self.awaiting: list[tuple[LeaseRequest, _Conn, list[int]]] = []
         self.request_conn: dict[tuple[int, int], _Conn] = {}
+        self.actors = ActorDirectory()
+        self._actor_reqs: dict[int, bytes] = {}  # lease request id -> actor id
+        self._next_actor_req = 0
         self.last_loop = time.monotonic()
         self._next_cid = 0
         self._next_lease = 0
@@ -205,6 +212,8 @@ class Raylet:
         self.log.info("client_closed", conn=conn.cid, kind=conn.kind, reason=why)
         self.scheduler.cancel(conn.cid)
         self.awaiting = [a for a in self.awaiting if a[1] is not conn or self._unreserve(a)]
+        for record in self.actors.owner_gone(conn.cid):
+            self._kill_actor(record)
         # A holder that vanished may have left tasks running: kill its workers.
         for lease_id in list(conn.leases):
             self._end_lease(lease_id, kill=True)
@@ -242,6 +251,17 @@ class Raylet:
             self._send(conn, {"r": mfield(msg, "r", int), "ok": True,
                               "total": self.total.to_dict(),
                               "available": self.scheduler.available.to_dict()})
+        elif t == "create_actor":
+            self._on_create_actor(conn, msg)
+        elif t == "kill_actor":
+            record = self.actors.kill(mfield(msg, "actor_id", bytes),
+                                      bool(msg.get("no_restart", True)))
+            if record is not None:
+                self._kill_actor(record)
+        elif t == "actor_ready" and conn.actor_id is not None:
+            self._on_actor_ready(conn, msg)
+        elif t == "actor_failed" and conn.actor_id is not None:
+            self._on_actor_failed(conn, msg)
         elif t == "ping":
             self._send(conn, {"r": mfield(msg, "r", int), "ok": True})
         else:
@@ -304,6 +324,10 @@ class Raylet:
     def _schedule(self) -> None:
         for req in self.scheduler.schedule():
             conn = self.request_conn.pop((req.client_id, req.request_id), None)
+            if req.client_id == _ACTORS:
+                gpus = self.gpu_instances.acquire(req.demand.get("GPU")) or []
+                self.awaiting.append((req, None, gpus))  # type: ignore[arg-type]
+                continue
             if conn is None or conn.closed:
                 self.scheduler.release(req.demand)
                 continue
@@ -321,17 +345,22 @@ class Raylet:
             worker = self.pool.idle()
             if worker is None:
                 starting = self.pool.count("STARTING")
-                if (starting < len(self.awaiting) and len(self.pool.workers) < self.max_workers
-                        and self._can_start()):
+                pooled = sum(1 for w in self.pool.workers.values() if w.actor_id is None)
+                actors_waiting = sum(1 for a in self.awaiting if a[1] is None)
+                if (starting < len(self.awaiting) and self._can_start()
+                        and (pooled < self.max_workers or actors_waiting > starting)):
                     self.pool.start()
                 return
             req, conn, gpus = self.awaiting.pop(0)
             self._next_lease += 1
             lease = _Lease(self._next_lease, conn, worker, req.demand, gpus)
             self.leases[lease.lease_id] = lease
-            conn.leases.add(lease.lease_id)
             worker.state = LEASED
             worker.lease_id = lease.lease_id
+            if conn is None:
+                self._start_actor(req, worker, gpus)
+                continue
+            conn.leases.add(lease.lease_id)
             self._send(conn, {"r": req.request_id, "ok": True, "lease_id": lease.lease_id,
                               "worker_id": worker.worker_id, "socket": worker.socket_path,
                               "pid": worker.pid, "gpus": gpus})
@@ -340,7 +369,8 @@ class Raylet:
         lease = self.leases.pop(lease_id, None)
         if lease is None:
             return
-        lease.holder.leases.discard(lease_id)
+        if lease.holder is not None:
+            lease.holder.leases.discard(lease_id)
         demand = lease.demand.only(tuple(k for k in lease.demand.to_dict() if k != "CPU")) \
             if lease.blocked else lease.demand
         self.scheduler.release(demand)
@@ -369,6 +399,8 @@ class Raylet:
             worker.proc.wait()
         self.log.info("worker_exited", worker_id=worker.worker_id.hex(),
                       worker_pid=worker.pid, returncode=worker.proc.returncode)
+        if worker.actor_id is not None:
+            self._actor_process_died(worker)
         if worker.state == STARTING:
             self._start_failures += 1
             if self._start_failures >= _MAX_START_FAILURES:
@@ -390,16 +422,161 @@ class Raylet:
     def _refill(self) -> None:
         if not self._can_start():
             return
-        live = len(self.pool.workers)
+        live = sum(1 for w in self.pool.workers.values() if w.actor_id is None)
         for _ in range(max(0, self.prestart - live)):
             self.pool.start()
+
+    # ---- actors -----------------------------------------------------------
+    def _on_create_actor(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        rid = mfield(msg, "r", int)
+        actor_id = mfield(msg, "actor_id", bytes)
+        spec = mfield(msg, "spec", dict)
+        res = mfield(msg, "res", dict)
+        try:
+            demand = ResourceSet.of(res)
+            record = self.actors.create(actor_id, spec, res, conn.cid, rid)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        if not demand.fits_in(self.total):
+            self.actors.init_failed(actor_id, f"infeasible: needs {res}, node has "
+                                              f"{self.total.to_dict()}")
+            self._publish_actor(record)
+            self._send(conn, {"r": rid, "ok": False, "error": "infeasible",
+                              "msg": record.death_cause})
+            record.create_r = None
+            return
+        self.log.info("actor_created", actor_id=actor_id.hex(),
+                      class_name=spec.get("class_name", ""))
+        self._publish_actor(record)
+        self._request_actor_lease(record)
+
+    def _request_actor_lease(self, record: ActorRecord) -> None:
+        self._next_actor_req += 1
+        self._actor_reqs[self._next_actor_req] = record.actor_id
+        self.scheduler.submit(LeaseRequest(self._next_actor_req, _ACTORS,
+                                           ResourceSet.of(record.demand)))
+        self._schedule()
+
+    def _start_actor(self, req: LeaseRequest, worker: Worker, gpus: list[int]) -> None:
+        actor_id = self._actor_reqs.pop(req.request_id, None)
+        record = self.actors.actors.get(actor_id) if actor_id else None
+        if record is None or record.state == actor_states.DEAD:
+            self._end_lease(worker.lease_id, kill=False)  # type: ignore[arg-type]
+            return
+        worker.actor_id = record.actor_id
+        record.worker_id = worker.worker_id
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(worker.socket_path)
+        except OSError as exc:
+            sock.close()
+            self.log.warning("actor_connect_failed", actor_id=record.actor_id.hex(), error=str(exc))
+            self.pool.kill(worker)
+            return
+        sock.setblocking(False)
+        self._next_cid += 1
+        conn = _Conn(sock, self._next_cid, kind="actor_init", actor_id=record.actor_id)
+        self.conns[conn.cid] = conn
+        self.sel.register(sock, selectors.EVENT_READ, conn)
+        self._send(conn, {"t": "actor_init", "actor_id": record.actor_id, "spec": record.spec,
+                          "gpus": gpus})
+        self._refill()
+
+    def _on_actor_ready(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        worker = next((w for w in self.pool.workers.values() if w.actor_id == conn.actor_id), None)
+        record = None
+        if worker is not None:
+            record = self.actors.ready(conn.actor_id, worker.pid, worker.socket_path)  # type: ignore[arg-type]
+        self._close(conn, "actor initialised")
+        if record is None:
+            return
+        self.log.info("actor_alive", actor_id=record.actor_id.hex(), worker_pid=record.pid,
+                      num_restarts=record.num_restarts)
+        self._publish_actor(record)
+        self._answer_creator(record, {"ok": True, "socket": record.socket, "pid": record.pid})
+
+    def _on_actor_failed(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        cause = mfield(msg, "error", str)
+        record = self.actors.init_failed(conn.actor_id, cause)  # type: ignore[arg-type]
+        self._close(conn, "actor init failed")
+        if record is None:
+            return
+        self.log.warning("actor_init_failed", actor_id=record.actor_id.hex(), cause=cause)
+        record.spec["death_wire"] = msg.get("wire")
+        self._actor_dead(record)
+        worker = next((w for w in self.pool.workers.values()
+                       if w.actor_id == record.actor_id), None)
+        if worker is not None:
+            worker.actor_id = None
+            self.pool.kill(worker)
+
+    def _actor_process_died(self, worker: Worker) -> None:
+        record = self.actors.by_worker(worker.worker_id)
+        if record is None:
+            return
+        code = worker.proc.returncode
+        decision = self.actors.process_died(record.actor_id,
+                                            f"the actor's worker process (pid {worker.pid}) "
+                                            f"died with status {code}")
+        if isinstance(decision, Restart):
+            self.log.warning("actor_restarting", actor_id=record.actor_id.hex(),
+                             num_restarts=record.num_restarts)
+            self._publish_actor(record)
+            self._request_actor_lease(record)
+        elif isinstance(decision, Dead):
+            self._actor_dead(record)
+
+    def _kill_actor(self, record: ActorRecord) -> None:
+        worker = self.pool.workers.get(record.worker_id) if record.worker_id else None
+        if worker is not None:
+            self.pool.kill(worker)  # the exit runs the usual death path
+            return
+        # Not running (queued for a lease, or between restarts): dead now. A
+        # grant still waiting for a worker finds no actor and ends its lease.
+        for rid, aid in list(self._actor_reqs.items()):
+            if aid == record.actor_id:
+                del self._actor_reqs[rid]
+                self.scheduler.cancel(_ACTORS, rid)
+        dead = self.actors.process_died(record.actor_id, record.death_cause or "killed")
+        if isinstance(dead, Dead):
+            self._actor_dead(record)
+
+    def _actor_dead(self, record: ActorRecord) -> None:
+        self.log.info("actor_dead", actor_id=record.actor_id.hex(), cause=record.death_cause)
+        self._publish_actor(record)
+        self._answer_creator(record, {"ok": False, "error": "actor_died",
+                                      "msg": record.death_cause,
+                                      "wire": record.spec.get("death_wire")})
+        name = record.spec.get("name")
+        if name and self.gcs is not None:
+            try:
+                self.gcs.kv_del("actor_names:" + record.spec.get("namespace", ""), name.encode())
+            except Exception as exc:
+                self.log.warning("actor_name_release_failed", error=str(exc))
+
+    def _answer_creator(self, record: ActorRecord, reply: dict[str, Any]) -> None:
+        if record.create_r is None or record.owner_conn is None:
+            record.create_r = None
+            return
+        conn = self.conns.get(record.owner_conn)
+        if conn is not None:
+            self._send(conn, {"r": record.create_r, **reply})
+        record.create_r = None
+
+    def _publish_actor(self, record: ActorRecord) -> None:
+        if self.gcs is None:
+            return
+        try:
+            self.gcs.table_put("actors", record.actor_id, record.public(self.node_id))
+        except Exception as exc:
+            self.log.warning("actor_publish_failed", actor_id=record.actor_id.hex(),
+                             error=str(exc))
 
     # ---- periodic ---------------------------------------------------------
     def _housekeeping(self) -> None:
         for worker in self.pool.reap():
             self._worker_gone(worker)
-        if len(self.pool.workers) < self.prestart:
-            self._refill()
+        self._refill()
         now = time.monotonic()
         if now - self._last_heartbeat >= _HEARTBEAT_S and self.gcs is not None:
             self._last_heartbeat = now

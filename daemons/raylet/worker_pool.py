@@ -37,6 +37,7 @@ class Worker:
     state: str = STARTING
     conn: Any = None
     lease_id: int | None = None
+    actor_id: bytes | None = None  # set while the worker hosts an actor
 
     @property
     def pid(self) -> int:

@@ -1,0 +1,199 @@
+"""A worker process that hosts one actor: its instance and its callers.
+
+After the raylet sends ``actor_init``, the worker builds the instance and
+serves method calls from any number of callers, each on its own connection
+straight from the caller (handles passed to tasks and to other actors
+connect too). Calls from one caller arrive in order on its stream.
+
+Concurrency, as in Ray:
+  * default: one call at a time, in arrival order, on the main thread;
+  * ``max_concurrency > 1`` on a class without async methods: a thread pool;
+  * a class with ``async def`` methods: an asyncio loop in a second thread,
+    at most ``max_concurrency`` calls at once (default 1000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import selectors
+import socket
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from libclient import serialization
+from libclient.protocol import FrameDecoder, ProtocolError, pack
+
+_DEFAULT_ASYNC_CONCURRENCY = 1000
+
+
+class _Caller:
+    __slots__ = ("sock", "decoder", "lock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        self.lock = threading.Lock()
+
+    def reply(self, msg: dict) -> None:
+        with self.lock:
+            try:
+                self.sock.sendall(pack(msg))
+            except OSError:
+                pass  # the caller went away; its calls are its own loss
+
+
+class ActorHost:
+    """The actor instance plus the loop that serves its callers."""
+
+    def __init__(self, runner: Any, instance: Any, spec: dict, init_reply: dict) -> None:
+        self.runner = runner
+        self.instance = instance
+        self.init_reply = init_reply
+        self.actor_id: bytes = spec.get("actor_id", b"")
+        self.is_async = bool(spec.get("is_async"))
+        concurrency = spec.get("max_concurrency")
+        if concurrency is None:
+            concurrency = _DEFAULT_ASYNC_CONCURRENCY if self.is_async else 1
+        self.max_concurrency = max(1, int(concurrency))
+        self._pool: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._methods: dict[str, Any] = {}
+
+    @classmethod
+    def create(cls, runner: Any, msg: dict) -> ActorHost:
+        """Run the class's ``__init__``; the reply says whether it worked."""
+        spec = dict(msg.get("spec") or {})
+        spec["actor_id"] = msg.get("actor_id", b"")
+        core = runner.core
+        core.job_id = spec.get("job", 0)
+        core.current_actor_id = spec["actor_id"]
+        gpus = msg.get("gpus")
+        if gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+            core.current_gpus = list(gpus)
+        init_msg = {"tid": b"\0" * 16, "name": spec.get("class_name", "?") + ".__init__",
+                    "nret": 1, "args": spec.get("args"), "deps": spec.get("deps")}
+        try:
+            klass = core.fetch_function(spec["cls"])
+        except Exception as exc:
+            return cls(runner, None, spec, _failed(exc, init_msg["name"]))
+        holder: list[Any] = []
+
+        def construct(*args: Any, **kwargs: Any) -> None:
+            holder.append(klass(*args, **kwargs))
+
+        reply = runner.execute(init_msg, construct)
+        if reply["err"]:
+            kind, err = serialization.deserialize_wire(reply["rets"][0][1])
+            return cls(runner, None, spec,
+                       {"t": "actor_failed", "error": str(err), "wire": reply["rets"][0][1]})
+        return cls(runner, holder[0], spec, {"t": "actor_ready"})
+
+    # ------------------------------------------------------------- serving
+    def serve(self, listen: socket.socket) -> None:
+        """Accept callers and run their calls until the process is killed."""
+        self.runner.conn = None  # cancellation by SIGINT is for tasks only
+        if self.is_async:
+            self._start_loop()
+        elif self.max_concurrency > 1:
+            self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor")
+        sel = selectors.DefaultSelector()
+        sel.register(listen, selectors.EVENT_READ, None)
+        while True:
+            for key, _ in sel.select():
+                if key.data is None:
+                    sock, _ = listen.accept()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+                    sel.register(sock, selectors.EVENT_READ, _Caller(sock))
+                    continue
+                caller: _Caller = key.data
+                try:
+                    data = caller.sock.recv(1 << 20)
+                except OSError:
+                    data = b""
+                if data:
+                    caller.decoder.feed(data)
+                    try:
+                        msgs = caller.decoder.drain()
+                    except ProtocolError as exc:
+                        print(f"actor: bad message from a caller: {exc}", file=sys.stderr)
+                        data, msgs = b"", []
+                    for msg in msgs:
+                        if msg["t"] == "call":
+                            self._dispatch(caller, msg)
+                if not data:
+                    sel.unregister(caller.sock)
+                    caller.sock.close()
+
+    def _method(self, name: str) -> Any:
+        fn = self._methods.get(name)
+        if fn is None:
+            fn = getattr(self.instance, name)
+            self._methods[name] = fn
+        return fn
+
+    def _dispatch(self, caller: _Caller, msg: dict) -> None:
+        try:
+            fn = self._method(msg.get("method", ""))
+        except AttributeError as exc:
+            caller.reply(_failed_call(msg, exc))
+            return
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._run_async(caller, msg, fn), self._loop)
+        elif self._pool is not None:
+            self._pool.submit(lambda: caller.reply(self.runner.execute(msg, fn, track=False)))
+        else:
+            caller.reply(self.runner.execute(msg, fn))
+
+    # ---------------------------------------------------------------- async
+    def _start_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            ready.set()
+            loop.run_forever()
+
+        threading.Thread(target=run, name="actor-asyncio", daemon=True).start()
+        ready.wait()
+        self._loop = loop
+
+    async def _run_async(self, caller: _Caller, msg: dict, fn: Any) -> None:
+        assert self._sem is not None
+        async with self._sem:
+            if inspect.iscoroutinefunction(fn):
+                reply = await self.runner.execute_async(msg, fn)
+            else:
+                reply = self.runner.execute(msg, fn, track=False)
+        # Replies block in sendall only if the caller stops reading.
+        caller.reply(reply)
+
+
+def _failed(exc: BaseException, name: str) -> dict:
+    from libclient.core_worker import error_wire_from
+
+    try:
+        raise exc
+    except BaseException as e:
+        wire = error_wire_from(e, name)
+    return {"t": "actor_failed", "error": f"{type(exc).__name__}: {exc}", "wire": wire}
+
+
+def _failed_call(msg: dict, exc: BaseException) -> dict:
+    from libclient.core_worker import error_wire_from
+
+    try:
+        raise exc
+    except BaseException as e:
+        wire = error_wire_from(e, msg.get("name", "?"))
+    return {"t": "done", "tid": msg["tid"], "err": 1, "dur": 0.0,
+            "rets": [["v", wire]] * msg.get("nret", 1)}
+
+
