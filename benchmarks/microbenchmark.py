@@ -9,8 +9,10 @@ machine in the same run; the output is JSON with per-second rates and, when
 Ray ran too, the ratio Shoal/Ray for every case.
 
 Deviation from ray_perf: "multi client tasks async" uses 4 zero-CPU *tasks*
-as the submitting clients on both backends (ray_perf uses actors, which
-Shoal does not have yet), so both sides run the identical workload.
+as the submitting clients on both backends (ray_perf uses actors), so both
+sides run the identical workload. The actor cases follow ray_perf's shapes
+with n reduced (1:n and n:n use 2,000 calls per client instead of 5,000) so
+one case fits the timing window on 2 cores.
 """
 
 from __future__ import annotations
@@ -35,6 +37,15 @@ CASES = [
     "single client tasks sync",
     "single client tasks async",
     "multi client tasks async",
+    "1:1 actor calls sync",
+    "1:1 actor calls async",
+    "1:1 actor calls concurrent",
+    "1:n actor calls async",
+    "n:n actor calls async",
+    "n:n actor calls with arg async",
+    "1:1 async-actor calls sync",
+    "1:1 async-actor calls async",
+    "1:1 async-actor calls with args async",
 ]
 
 
@@ -124,8 +135,83 @@ def run_backend(backend: str, cases: list[str], warmup_s: float, run_s: float,
     n, m = 2500, 4
     case("multi client tasks async",
          lambda: ray.get([client_batch.remote(n) for _ in range(m)]), n * m)
+    if any("actor" in c for c in cases):
+        _actor_cases(ray, case)
     ray.shutdown()
     return results
+
+
+def _actor_cases(ray: Any, case: Any) -> None:
+    @ray.remote
+    class Actor:
+        def small_value(self):
+            return b"ok"
+
+        def small_value_arg(self, x):
+            return b"ok"
+
+    @ray.remote
+    class AsyncActor:
+        async def small_value(self):
+            return b"ok"
+
+        async def small_value_with_arg(self, x):
+            return b"ok"
+
+    @ray.remote(num_cpus=0)
+    class Client:
+        def __init__(self, servers):
+            self.servers = servers if isinstance(servers, list) else [servers]
+
+        def small_value_batch(self, n):
+            results = []
+            for s in self.servers:
+                results.extend([s.small_value.remote() for _ in range(n)])
+            ray.get(results)
+
+        def small_value_batch_arg(self, n):
+            x = ray.put(0)
+            results = []
+            for s in self.servers:
+                results.extend([s.small_value_arg.remote(x) for _ in range(n)])
+            ray.get(results)
+
+    n_cpu = max(1, (os.cpu_count() or 2) // 2)
+    a = Actor.remote()
+    ray.get(a.small_value.remote())
+    case("1:1 actor calls sync", lambda: ray.get(a.small_value.remote()))
+    case("1:1 actor calls async", lambda: ray.get([a.small_value.remote() for _ in range(1000)]),
+         1000)
+    c = Actor.options(max_concurrency=16).remote()
+    ray.get(c.small_value.remote())
+    case("1:1 actor calls concurrent",
+         lambda: ray.get([c.small_value.remote() for _ in range(1000)]), 1000)
+    n = 2000
+    servers = [Actor.remote() for _ in range(n_cpu)]
+    client = Client.remote(servers)
+    ray.get(client.small_value_batch.remote(1))
+    case("1:n actor calls async", lambda: ray.get(client.small_value_batch.remote(n)),
+         n * len(servers))
+
+    @ray.remote
+    def work(actors):
+        ray.get([actors[i % len(actors)].small_value.remote() for i in range(n)])
+
+    m = 4
+    case("n:n actor calls async", lambda: ray.get([work.remote(servers) for _ in range(m)]),
+         m * n)
+    clients = [Client.remote(s) for s in servers]
+    ray.get([cl.small_value_batch_arg.remote(1) for cl in clients])
+    case("n:n actor calls with arg async",
+         lambda: ray.get([cl.small_value_batch_arg.remote(1000) for cl in clients]),
+         1000 * len(clients))
+    aa = AsyncActor.remote()
+    ray.get(aa.small_value.remote())
+    case("1:1 async-actor calls sync", lambda: ray.get(aa.small_value.remote()))
+    case("1:1 async-actor calls async",
+         lambda: ray.get([aa.small_value.remote() for _ in range(1000)]), 1000)
+    case("1:1 async-actor calls with args async",
+         lambda: ray.get([aa.small_value_with_arg.remote(i) for i in range(1000)]), 1000)
 
 
 def main() -> None:
