@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
 from typing import Any
@@ -14,6 +15,7 @@ _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "max_task
                   "max_concurrency", "name", "namespace", "lifetime", "get_if_exists",
                   "memory", "scheduling_strategy", "runtime_env"}
 _NAMES_NS = "actor_names:"
+_released_handles: collections.deque[bytes] = collections.deque()
 
 
 def method(*, num_returns: int = 1) -> Any:
@@ -116,7 +118,10 @@ class ActorClass:
                 "meta": {**meta, "max_task_retries": retries}}
         core.create_actor(actor_id, self._key(core), meta["class_name"], args, kwargs,
                           demand={k: v for k, v in demand.items() if v}, spec=spec)
-        return ActorHandle(actor_id, meta, retries)
+        handle = ActorHandle(actor_id, meta, retries)
+        if not name and opts.get("lifetime") != "detached":
+            core.actor_scoped_to_handles(actor_id)
+        return handle
 
 
 class ActorHandle:
@@ -126,8 +131,18 @@ class ActorHandle:
         self._actor_id = actor_id
         self._meta = meta
         self._retries = (1 << 30) if max_task_retries == -1 else max_task_retries
+        core = api._core
+        if core is not None:
+            core.actor_handle_added(actor_id)
+
+    def __del__(self) -> None:
+        # Like ObjectRef.__del__: only queue; the core worker counts at safe points.
+        _released_handles.append(self._actor_id)
 
     def __reduce__(self) -> Any:
+        core = api._core
+        if core is not None:
+            core.actor_handle_escaped(self._actor_id)
         return (ActorHandle, (self._actor_id, self._meta, self._retries))
 
     def __getattr__(self, name: str) -> ActorMethod:

@@ -147,7 +147,7 @@ class _Actor:
 
     __slots__ = ("actor_id", "state", "sock", "decoder", "out", "inflight", "queue", "dead",
                  "pid", "socket_path", "lost_pid", "dead_wire", "create_task", "next_poll",
-                 "key", "claimed")
+                 "key", "claimed", "handles", "scoped", "escaped", "released")
 
     def __init__(self, actor_id: bytes) -> None:
         self.actor_id = actor_id
@@ -166,6 +166,10 @@ class _Actor:
         self.create_task: _Task | None = None
         self.next_poll = 0.0
         self.claimed = False
+        self.handles = 0  # live ActorHandle objects in this process
+        self.scoped = False  # created here, unnamed, not detached: dies with its handles
+        self.escaped = False  # a handle was pickled: others may call it
+        self.released = False
 
 
 class CoreWorker:
@@ -242,6 +246,8 @@ class CoreWorker:
 
     def _drain_released(self) -> None:
         """Apply ObjectRef.__del__ decrements (called with the lock held)."""
+        if self._actors:
+            self._drain_released_handles()
         released = object_ref._released
         owned = self._owned
         while released:
@@ -634,6 +640,43 @@ class CoreWorker:
         return self._build_call(b"", name, args, kwargs, num_returns=num_returns, demand={},
                                 max_retries=max_retries, retry_exceptions=False,
                                 key=("actor", actor_id), spec=msg_extra)
+
+    def actor_handle_added(self, actor_id: bytes) -> None:
+        with self._lock:
+            self._actor(actor_id).handles += 1
+
+    def actor_handle_escaped(self, actor_id: bytes) -> None:
+        with self._lock:
+            self._actor(actor_id).escaped = True
+
+    def actor_scoped_to_handles(self, actor_id: bytes) -> None:
+        with self._lock:
+            self._actor(actor_id).scoped = True
+
+    def _drain_released_handles(self) -> None:
+        """When the last handle of an actor that never left this process goes,
+        the actor ends once its queued calls are done (Ray's scoping rule,
+        limited to handles that were never passed elsewhere)."""
+        from libclient.actor import _released_handles
+
+        while _released_handles:
+            try:
+                actor_id = _released_handles.popleft()
+            except IndexError:
+                return
+            a = self._actors.get(actor_id)
+            if a is None:
+                continue
+            a.handles -= 1
+            if a.handles <= 0 and a.scoped and not a.escaped:
+                a.released = True
+                self._maybe_end_actor(a)
+
+    def _maybe_end_actor(self, a: _Actor) -> None:
+        if a.released and not a.queue and not a.inflight and a.state != "DEAD":
+            a.released = False
+            self._raylet_send({"t": "kill_actor", "actor_id": a.actor_id, "no_restart": True,
+                               "cause": "all handles to the actor went out of scope"})
 
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         with self._lock:
@@ -1271,8 +1314,11 @@ class CoreWorker:
             return
         for msg in msgs:
             self._on_task_reply(lease, msg)
-        if not lease.inflight and isinstance(lease, _Lease):
-            lease.idle_since = time.monotonic()
+        if not lease.inflight:
+            if isinstance(lease, _Lease):
+                lease.idle_since = time.monotonic()
+            elif lease.released:
+                self._maybe_end_actor(lease)
 
     def _flush_events(self) -> None:
         """Send task states and object locations to gcsd in one batch each.
@@ -1309,7 +1355,13 @@ class CoreWorker:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
+            for a in self._actors.values():
+                if a.sock is not None:
+                    a.sock.close()
+                    a.sock, a.dead = None, True
         self._io.join(timeout=2)
+        if self._actor_sub:
+            self._actor_sub.close()
         self._flush_events()
         try:
             self._raylet.sock.setblocking(True)

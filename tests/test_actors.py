@@ -305,6 +305,13 @@ def test_detached_actor_outlives_its_driver_and_normal_one_does_not(ray):
     assert ray.get(keeper.get.remote(), timeout=30) == "kept"
     ray.kill(keeper)
     assert _pid_gone(detached_pid)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the raylet frees the name once it sees the exit
+        try:
+            ray.get_actor("keeper")
+        except ValueError:
+            break
+        time.sleep(0.05)
     with pytest.raises(ValueError):
         ray.get_actor("keeper")
 
@@ -324,3 +331,16 @@ def test_actor_table_records_lifecycle(ray, Counter):
             break
         time.sleep(0.05)
     assert row["state"] == "DEAD" and "kill" in row["death_cause"]
+
+
+def test_actor_ends_when_its_last_handle_goes(ray, Counter):
+    import gc
+
+    c = Counter.remote()
+    pid = ray.get(c.pid.remote())
+    last = c.inc.remote(7)
+    del c
+    gc.collect()
+    assert ray.get(last) == 7  # queued calls still finish
+    ray.put(None)  # any API call drains released handles
+    assert _pid_gone(pid)

@@ -108,13 +108,14 @@ class ActorDirectory:
         record.state, record.pid, record.socket, record.worker_id = RESTARTING, 0, "", None
         return Restart(record)
 
-    def kill(self, actor_id: bytes, no_restart: bool) -> ActorRecord | None:
+    def kill(self, actor_id: bytes, no_restart: bool,
+             cause: str = "killed by kill()") -> ActorRecord | None:
         record = self.actors.get(actor_id)
         if record is None or record.state == DEAD:
             return None
         if no_restart:
             record.no_restart = True
-            record.death_cause = "killed by kill()"
+            record.death_cause = cause
         return record
 
     def owner_gone(self, conn_id: int) -> list[ActorRecord]:

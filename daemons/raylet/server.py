@@ -255,7 +255,8 @@ class Raylet:
             self._on_create_actor(conn, msg)
         elif t == "kill_actor":
             record = self.actors.kill(mfield(msg, "actor_id", bytes),
-                                      bool(msg.get("no_restart", True)))
+                                      bool(msg.get("no_restart", True)),
+                                      mfield(msg, "cause", str, "killed by kill()"))
             if record is not None:
                 self._kill_actor(record)
         elif t == "actor_ready" and conn.actor_id is not None:
