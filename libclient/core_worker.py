@@ -589,7 +589,7 @@ class CoreWorker:
         if spec:
             msg.update(spec)
         if key is None:
-            key = tuple(sorted(demand.items()))
+            key = ("task", *sorted(demand.items()))
         elif key[0] == "create":
             num_returns = 0
         return_ids = [tid + i.to_bytes(4, "little") for i in range(num_returns)]

@@ -38,6 +38,18 @@ def test_remote_with_options_decorator_and_num_returns(ray):
     assert ray.get(two) == [1, 2]
 
 
+def test_zero_cpu_and_fractional_tasks(ray):
+    @ray.remote(num_cpus=0)
+    def free():
+        return "no cpu needed"
+
+    @ray.remote(num_cpus=0.5)
+    def half():
+        return ray.get(free.remote())
+
+    assert ray.get([half.remote() for _ in range(4)]) == ["no cpu needed"] * 4
+
+
 def test_bad_options_are_rejected(ray):
     @ray.remote
     def f():
