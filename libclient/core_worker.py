@@ -573,8 +573,8 @@ class CoreWorker:
             except Exception as exc:
                 raise TypeError(f"could not serialize the arguments of {name}: {exc}") from exc
             if not ser.inline:
-                raise_large = ser  # large args go through stored as a put
-                ref = self.put(_LargeArgs(raise_large.meta, raise_large.buffers))
+                # Large arguments travel through stored as one put object.
+                ref = self.put(_LargeArgs(ser.meta, ser.buffers))
                 deps.append(("*", ref))
                 payload = _EMPTY_ARGS
                 refs = ser.refs
