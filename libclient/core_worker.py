@@ -193,6 +193,7 @@ class CoreWorker:
         self._exported: set[bytes] = set()
         self._fn_cache: dict[bytes, Any] = {}
         self._closed = False
+        self._raylet_lost = False
         self.current_task_id: bytes | None = None
         self.current_gpus: list[int] = []
         self.current_actor_id: bytes | None = None
@@ -933,6 +934,11 @@ class CoreWorker:
             pass
 
     def _request_lease(self, cls: _Class) -> None:
+        if self._raylet_lost:
+            err = _error_wire(RaySystemError("lost the connection to the raylet"))
+            while cls.queue:
+                self._finish_error(cls.queue.popleft(), err)
+            return
         self._raylet_ids += 1
         rid = self._raylet_ids
         cls.requests.add(rid)
@@ -1028,7 +1034,10 @@ class CoreWorker:
             if ret[0] == "v":
                 entry.wire = ret[1]
             else:
-                (entry.buf,) = self.store.get([oid], timeout=0)
+                try:
+                    (entry.buf,) = self.store.get([oid], timeout=0)
+                except (ConnectionError, OSError, ProtocolError):
+                    entry.buf = None  # stored is gone: the value is lost
                 if entry.buf is None:
                     entry.wire = _error_wire(ObjectLostError(
                         f"return value of {task.name} was evicted before its owner pinned it"))
@@ -1194,30 +1203,39 @@ class CoreWorker:
                     return
                 raise
             with self._lock:
-                for key, mask in events:
-                    target = key.data
-                    if target == "wake":
-                        try:
-                            os.read(self._wake_r, 4096)
-                        except BlockingIOError:
-                            pass
-                    elif target == "raylet":
-                        self._read_raylet()
-                    elif (isinstance(target, (_Lease, _Actor)) and mask & selectors.EVENT_READ
-                          and not target.claimed):
-                        self._read_lease(target)
-                    if mask & selectors.EVENT_WRITE:
-                        self._flush_target(target)
-                self._update_write_interest()
-                now = time.monotonic()
-                self._drain_released()
-                self._return_idle_leases(now)
-                if self._actors:
-                    self._poll_actors(now)
-                if now - last_flush >= _EVENT_FLUSH_S and (self._events or self._object_events):
-                    last_flush = now
-                    self._flush_events()
-                self.store.flush_releases()
+                try:
+                    self._io_step(events, last_flush)
+                except Exception:
+                    # Never let the I/O thread die: every later get would hang.
+                    traceback.print_exc()
+                if time.monotonic() - last_flush >= _EVENT_FLUSH_S:
+                    last_flush = time.monotonic()
+
+    def _io_step(self, events: list, last_flush: float) -> None:
+        """One turn of the I/O thread (lock held)."""
+        for key, mask in events:
+            target = key.data
+            if target == "wake":
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            elif target == "raylet":
+                self._read_raylet()
+            elif (isinstance(target, (_Lease, _Actor)) and mask & selectors.EVENT_READ
+                  and not target.claimed):
+                self._read_lease(target)
+            if mask & selectors.EVENT_WRITE:
+                self._flush_target(target)
+        self._update_write_interest()
+        now = time.monotonic()
+        self._drain_released()
+        self._return_idle_leases(now)
+        if self._actors:
+            self._poll_actors(now)
+        if now - last_flush >= _EVENT_FLUSH_S and (self._events or self._object_events):
+            self._flush_events()
+        self.store.flush_releases()
 
     def _update_write_interest(self) -> None:
         for target in list(self._write_interest):
@@ -1290,9 +1308,15 @@ class CoreWorker:
             self._sel.unregister(self._raylet.sock)
         except (KeyError, ValueError):
             pass
+        self._raylet_lost = True
         err = _error_wire(RaySystemError("lost the connection to the raylet"))
         for task in list(self._tasks.values()):
             self._finish_error(task, err)
+        # Single node: the raylet's workers, actors included, die with it.
+        for a in self._actors.values():
+            a.state = "DEAD"
+            a.dead_wire = _actor_died_wire(a, "lost the connection to the local raylet")
+            self._pump_actor(a)
         self._cv.notify_all()
 
     def _read_lease(self, lease: _Lease) -> None:

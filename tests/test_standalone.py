@@ -227,3 +227,47 @@ def test_workers_that_cannot_start_fail_tasks_instead_of_hanging(node):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "FAILED CLEARLY" in res.stdout and "worker_start_failed" in res.stdout
     assert node["procs"][2].poll() is None  # the raylet itself keeps running
+
+
+def test_driver_fails_clearly_when_the_raylet_dies(node):
+    script = node["tmp"] / "victim.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        import libclient as ray
+        from libclient.exceptions import RaySystemError, WorkerCrashedError, ActorDiedError
+        ray.init(address=sys.argv[1])
+
+        @ray.remote
+        def sleepy():
+            time.sleep(600)
+
+        @ray.remote
+        class A:
+            def ping(self):
+                return "pong"
+
+        a = A.remote()
+        assert ray.get(a.ping.remote()) == "pong"
+        ref = sleepy.remote()
+        time.sleep(0.5)
+        print("WAITING", flush=True)
+        for what, r in (("task", ref), ("actor", a.ping.remote())):
+            try:
+                ray.get(r, timeout=60)
+            except (RaySystemError, WorkerCrashedError, ActorDiedError) as e:
+                print("CLEAR", what, type(e).__name__, flush=True)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script), node["raylet"]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("WAITING")
+        node["procs"][2].kill()  # SIGKILL the raylet; its workers die with it
+        out, err = proc.communicate(timeout=90)
+        assert "CLEAR task" in out, err[-3000:]
+        assert "CLEAR actor" in out, err[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
