@@ -142,8 +142,10 @@ def _stop_all(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
 
 
 def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
+    stop = []
+
     def _on_term(*_: Any) -> None:
-        raise KeyboardInterrupt
+        stop.append(True)  # only a flag: raising here could skip the cleanup below
 
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the driver, which stops us
@@ -179,10 +181,16 @@ def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
         sys.exit(1)
     os.write(ready_fd, (json.dumps(info) + "\n").encode())
     os.close(ready_fd)
+    # Run until the driver's pipe closes (shutdown, exit or death) or SIGTERM.
+    import select
+
+    stdin = sys.stdin.fileno()
     try:
-        while sys.stdin.buffer.read(4096):
-            pass
-    except (OSError, ValueError, KeyboardInterrupt):
+        while not stop:
+            readable, _, _ = select.select([stdin], [], [], 0.2)
+            if readable and not os.read(stdin, 4096):
+                break
+    except (OSError, ValueError):
         pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -251,9 +251,9 @@ def test_driver_fails_clearly_when_the_raylet_dies(node):
         ref = sleepy.remote()
         time.sleep(0.5)
         print("WAITING", flush=True)
-        for what, r in (("task", ref), ("actor", a.ping.remote())):
+        for what, call in (("task", lambda: ref), ("actor", a.ping.remote)):
             try:
-                ray.get(r, timeout=60)
+                ray.get(call(), timeout=60)  # the actor call goes out after the raylet died
             except (RaySystemError, WorkerCrashedError, ActorDiedError) as e:
                 print("CLEAR", what, type(e).__name__, flush=True)
     """))
