@@ -81,7 +81,8 @@ class _Entry:
 
 class _Task:
     __slots__ = ("tid", "key", "demand", "msg", "deps", "unresolved", "return_ids",
-                 "retries_left", "lease", "cancelled", "name", "dispatched_at", "args_hold")
+                 "retries_left", "lease", "cancelled", "name", "dispatched_at", "args_hold",
+                 "event")
 
     def __init__(self, tid: bytes, key: tuple, demand: dict, msg: dict, deps: list,
                  return_ids: list[bytes], retries: int, name: str, args_hold: Any) -> None:
@@ -98,6 +99,7 @@ class _Task:
         self.name = name
         self.dispatched_at = 0.0
         self.args_hold = args_hold  # keeps arg refs alive until the task ends
+        self.event: dict = {}  # the task's row in gcsd's tasks table, less its state
 
 
 class _Lease:
@@ -601,9 +603,9 @@ class CoreWorker:
             out = [self._new_owned(oid) for oid in return_ids]
             task = _Task(tid, key, demand, msg, deps, return_ids, max_retries, name, refs)
             self._tasks[tid] = task
-            self._events[tid] = {"name": name, "fn": fn_key, "job": self.job_id,
-                                 "state": "PENDING", "nret": num_returns,
-                                 "deps": [r._id for _, r in deps], "owner_pid": self.pid}
+            task.event = {"name": name, "fn": fn_key, "job": self.job_id, "nret": num_returns,
+                          "deps": [r._id for _, r in deps], "owner_pid": self.pid}
+            self._mark(task, "PENDING")
             for _slot, ref in deps:
                 entry = self._owned.get(ref._id)
                 if entry is not None and entry.state != READY:
@@ -716,9 +718,7 @@ class CoreWorker:
                 continue
             task.lease = a  # type: ignore[assignment]
             a.inflight[task.tid] = task
-            ev = self._events.get(task.tid)
-            if ev is not None:
-                ev["state"] = "RUNNING"
+            self._mark(task, "RUNNING")
             self._write(a, pack(task.msg))  # type: ignore[arg-type]
 
     def _actor_connect(self, a: _Actor) -> None:
@@ -905,9 +905,7 @@ class CoreWorker:
         if lease.gpus:
             task.msg["gpus"] = lease.gpus
         task.dispatched_at = time.monotonic()
-        ev = self._events.get(task.tid)
-        if ev is not None:
-            ev["state"] = "RUNNING"
+        self._mark(task, "RUNNING")
         self._write(lease, pack(task.msg))
 
     def _write(self, lease: _Lease, data: bytes) -> None:
@@ -1069,15 +1067,22 @@ class CoreWorker:
                 self._complete(oid, entry)
         self._task_done(task, "FAILED")
 
+    def _mark(self, task: _Task, state: str) -> None:
+        """Queue the task's full row with its new state for the next gcsd batch.
+
+        Each batch entry replaces the row, so every entry carries the whole
+        spec (the lineage later issues reconstruct from), not just the state.
+        """
+        ev = self._events.get(task.tid)
+        if ev is None:
+            ev = self._events[task.tid] = dict(task.event)
+        ev["state"] = state
+
     def _task_done(self, task: _Task, state: str) -> None:
         self._tasks.pop(task.tid, None)
         task.args_hold = None
         task.deps = []
-        ev = self._events.get(task.tid)
-        if ev is not None:
-            ev["state"] = state
-        else:
-            self._events[task.tid] = {"state": state}
+        self._mark(task, state)
         self._cv.notify_all()
         if isinstance(task.lease, _Lease):
             cls = self._classes.get(task.key)

@@ -342,3 +342,37 @@ def test_reinit(ray):
         ray.init()
     ray.init(ignore_reinit_error=True)
     assert ray.is_initialized()
+
+
+def test_task_states_and_object_locations_reach_gcsd(ray):
+    import numpy as np
+
+    @ray.remote
+    def lineage_probe(x):
+        return x
+
+    arg = ray.put(np.ones(1 << 20))  # 8 MB: a stored object, held while we look
+    ref = lineage_probe.remote(arg)
+    ray.get(ref)
+    core = ray.api._core
+    tid = ref.binary()[:16]
+    deadline = time.monotonic() + 10
+    row = None
+    while time.monotonic() < deadline:
+        row = core.gcs.table_get("tasks", tid)
+        if row and row.get("state") == "FINISHED":
+            break
+        time.sleep(0.1)
+    assert row and row["state"] == "FINISHED" and "lineage_probe" in row["name"]
+    assert len(row["deps"]) == 1
+    located = core.gcs.table_get("objects", row["deps"][0])
+    assert located and located["state"] == "IN_STORE" and located["size"] >= 8 << 20
+    del arg  # the owner frees an object nobody else saw; gcsd hears of it
+    ray.put(None)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        located = core.gcs.table_get("objects", row["deps"][0])
+        if located["state"] == "FREED":
+            break
+        time.sleep(0.1)
+    assert located["state"] == "FREED"
