@@ -6,21 +6,31 @@ scheduler policy, allocator). Nothing here holds protocol state.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import stat
 import sys
 import tomllib
+from collections.abc import Mapping
 from typing import Any
 
+from daemons import sdnotify
+from libclient import hostconfig, logs
+from libclient.hostconfig import ConfigError, HostConfig
 
-class ConfigError(Exception):
-    """Bad flags or config file; the daemon exits with status 2."""
+__all__ = ["ConfigError", "HostConfig", "StopFlag", "add_config_flags", "bind_unix",
+           "check_socket_dir", "child_env", "configured_logging", "fail", "load_config",
+           "notify_ready", "private_dir", "resolve_config", "start_logging"]
 
 
 def load_config(path: str | None, section: str) -> dict[str, Any]:
-    """Read ``[section]`` (plus top-level keys) from a TOML config file."""
+    """Read ``[section]`` (plus top-level keys) from a TOML config file.
+
+    The old, unchecked reader; gcsd still uses it. New code uses
+    :func:`resolve_config`, which checks the whole file against the schema.
+    """
     if not path:
         return {}
     try:
@@ -71,25 +81,92 @@ def bind_unix(path: str, backlog: int = 512) -> socket.socket:
     return sock
 
 
-def notify_ready(ready_fd: int | None, line: str = "ready") -> None:
-    """Tell whoever started us that we serve: systemd's NOTIFY_SOCKET and/or a pipe."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if addr:
-        if addr.startswith("@"):
-            addr = "\0" + addr[1:]
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            s.sendto(b"READY=1", addr)
-        except OSError:
-            pass
-        finally:
-            s.close()
+def notify_ready(ready_fd: int | None, line: str = "ready", status: str = "serving") -> None:
+    """Tell whoever started us that we serve: systemd (READY=1) and/or a pipe.
+
+    Call it only once requests are answered (socket listening, registered
+    with gcsd), because systemd starts dependent units on READY=1.
+    """
+    sdnotify.Notifier().send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
     if ready_fd is not None and ready_fd >= 0:
         try:
             os.write(ready_fd, (line + "\n").encode())
             os.close(ready_fd)
         except OSError:
             pass
+
+
+def child_env() -> dict[str, str]:
+    """Our environment minus systemd's per-process variables, for children we start."""
+    env = dict(os.environ)
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
+        env.pop(name, None)
+    return env
+
+
+# ---------------------------------------------------------------- config
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every daemon shares: config file, --set, logging, readiness pipe."""
+    p.add_argument("--config", help=f"host config (TOML); default ${hostconfig.PATH_ENV} or "
+                                    f"{hostconfig.DEFAULT_PATH} if it exists; 'none' for none")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set any config key, e.g. --set stored.memory=2G (repeatable)")
+    p.add_argument("--log-level", help="debug, info, warning, error (config [log] level)")
+    p.add_argument("--log-destination",
+                   help="'stderr' or a directory for <daemon>.log (config [log] destination)")
+    p.add_argument("--ready-fd", type=int, help="write one JSON line here once serving")
+
+
+def resolve_config(ns: argparse.Namespace, flags: Mapping[str, Any]) -> HostConfig:
+    """The host config for a daemon: file, environment, then its flags.
+
+    Raises:
+        ConfigError: naming the key and the problem.
+    """
+    merged = {"log.level": ns.log_level, "log.destination": ns.log_destination, **flags}
+    path = hostconfig.config_path(ns.config, os.environ)
+    return hostconfig.resolve(path, os.environ, merged, ns.set)
+
+
+def start_logging(daemon: str, ns: argparse.Namespace) -> Any:
+    """A logger for the time before the config is read: stderr, at the flag's level.
+
+    Also routes uncaught exceptions into the log as structured tracebacks.
+    """
+    level = ns.log_level if ns.log_level in logs.LEVELS else "info"
+    log = logs.configure(daemon, level=level)
+    logs.log_uncaught_exceptions()
+    return log
+
+
+def configured_logging(daemon: str, node_id: str, conf: HostConfig) -> Any:
+    """Switch logging to the config's level and destination.
+
+    Raises:
+        ConfigError: the log directory cannot be written.
+    """
+    try:
+        return logs.configure(daemon, node_id=node_id, level=conf["log"]["level"],
+                              destination=conf["log"]["destination"])
+    except OSError as exc:
+        raise ConfigError(f"[log] destination {conf['log']['destination']} is not usable: "
+                          f"{exc.strerror or exc}") from None
+
+
+def check_socket_dir(path: str) -> None:
+    """Create a socket's directory (0700) or say plainly why we cannot.
+
+    Raises:
+        ConfigError: naming the directory and the reason (permission, not a directory...).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        private_dir(directory)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise ConfigError(f"socket directory {directory} is not usable by uid {os.getuid()}: "
+                          f"{exc.strerror or exc}") from None
 
 
 class StopFlag:
@@ -114,7 +191,12 @@ class StopFlag:
 
 
 def fail(log: Any, message: str, code: int = 2) -> None:
-    """Log a fatal start-up problem, print it plainly too, and exit."""
-    log.error("fatal", error=message)
-    print(f"error: {message}", file=sys.stderr)
+    """Log a fatal start-up problem and exit.
+
+    The line stays JSON (journald and supervisord keep stderr as the log);
+    its ``summary`` reads "error: <message>" for the person at a terminal.
+    """
+    log.error("fatal", error=message, summary=f"error: {message}")
+    if sys.stderr.isatty():
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(code)

@@ -283,7 +283,7 @@ def test_sigterm_exits_zero_quickly_and_logs_are_json(tmp_path):
     assert [x["event"] for x in lines][0] == "gcsd_started"
     assert lines[-1]["event"] == "gcsd_stopped"
     for line in lines:
-        for key in ("timestamp", "level", "daemon", "node_id", "pid", "event"):
+        for key in ("ts", "level", "daemon", "node_id", "pid", "event"):
             assert key in line, (key, line)
         assert line["daemon"] == "gcsd" and line["pid"] == g.proc.pid
     assert lines[0]["address"] == g.address and lines[0]["pubsub"] == g.pubsub

@@ -169,7 +169,7 @@ def test_raylet_logs_json_and_stops_cleanly_on_sigterm(node):
     events = {e["event"] for e in lines}
     assert {"raylet_started", "raylet_stopped", "worker_registered"} <= events
     for e in lines:
-        assert {"timestamp", "level", "daemon", "node_id", "pid", "event"} <= set(e)
+        assert {"ts", "level", "daemon", "node_id", "pid", "event"} <= set(e)
         assert e["daemon"] == "raylet" and e["node_id"] == node["node_id"]
 
 
@@ -193,13 +193,13 @@ def test_raylet_exits_when_gcsd_is_unreachable(tmp_path):
 
 
 def test_shoal_status_cli(node):
-    res = subprocess.run([sys.executable, "-m", "libclient.cli", "status", "--address",
+    res = subprocess.run([sys.executable, "-m", "libclient.cli", "status", "--json", "--address",
                           node["raylet"]], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     status = json.loads(res.stdout)
     assert status["cluster_resources"]["CPU"] == 2
     assert status["nodes"][0]["NodeID"] == node["node_id"]
-    res = subprocess.run([sys.executable, "-m", "libclient.cli", "status", "--address",
+    res = subprocess.run([sys.executable, "-m", "libclient.cli", "status", "--json", "--address",
                           str(node["tmp"] / "nope.sock")], capture_output=True, text=True,
                          timeout=60, cwd=ROOT)
     assert res.returncode == 1 and "cannot reach" in res.stderr

@@ -1,7 +1,10 @@
 """``stored``: the per-node shared-memory object store daemon.
 
-    stored --socket /run/shoal/stored.sock [--memory BYTES] [--node-id HEX]
-           [--config shoal.toml] [--ready-fd FD] [--prefault BYTES] [--log-level info]
+    stored [--config /etc/shoal/shoal.toml] [--socket PATH] [--memory BYTES] [--node-id HEX]
+           [--prefault BYTES] [--set SECTION.KEY=VALUE] [--log-level info]
+           [--log-destination stderr|DIR] [--ready-fd FD]
+
+Settings come from the host config (docs/operations.md); flags win.
 """
 
 from __future__ import annotations
@@ -12,79 +15,40 @@ import errno
 import json
 import mmap
 import os
-import re
 import sys
 import threading
 import time
-import tomllib
 from typing import Any
 
 import psutil
 
-from daemons import shell
+from daemons import sdnotify, shell
 from daemons.stored.server import StoreServer
 from daemons.stored.store import ObjectTable
-from libclient import logs
 
 # Linux 5.14+: populate (allocate and map writable) a range without writing it.
 # Python 3.11's mmap module does not export the constant.
 MADV_POPULATE_WRITE = 23
 DEFAULT_MEMORY_FRACTION = 0.30  # Ray's default object store share of RAM
-_KNOWN = {"socket", "memory", "prefault", "node_id"}
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="stored", description=__doc__.splitlines()[0])
-    p.add_argument("--socket", help="Unix socket path to serve on")
+    p.add_argument("--socket", help="Unix socket path to serve on ([stored] socket)")
     p.add_argument("--memory", help="arena size in bytes (K/M/G suffixes ok); "
-                                    "default 30%% of RAM")
-    p.add_argument("--node-id", help="hex node id, for log lines")
-    p.add_argument("--config", help="TOML file; its [stored] table sets socket, memory, prefault")
-    p.add_argument("--ready-fd", type=int, help="write one JSON line here once serving")
+                                    "default 30%% of RAM ([stored] memory)")
+    p.add_argument("--node-id", help="hex node id, for log lines ([node] id)")
     p.add_argument("--prefault", help="pre-fault the first N bytes of the arena after start")
-    p.add_argument("--log-level", default="info")
+    shell.add_config_flags(p)
     return p.parse_args(argv)
 
 
-def parse_bytes(value: Any, what: str) -> int:
-    """Accept an int or a string like ``"512M"``/``"2GiB"``; raise ConfigError otherwise."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(-?\d+)\s*([kmgt]?)(?:i?b)?\s*", value.lower())
-        if m:
-            return int(m.group(1)) * _UNITS[m.group(2)]
-    raise shell.ConfigError(f"{what} must be a byte count like 1073741824 or '1G', got {value!r}")
-
-
-def _settings(ns: argparse.Namespace) -> dict[str, Any]:
-    conf = shell.load_config(ns.config, "stored")
-    if ns.config:
-        # Top-level keys are shared by every daemon; only our own table is checked.
-        with open(ns.config, "rb") as f:
-            own = tomllib.load(f).get("stored", {})
-        unknown = set(own) - _KNOWN
-        if unknown:
-            raise shell.ConfigError(f"unknown [stored] config keys: {sorted(unknown)}")
-    for key in _KNOWN:
-        value = getattr(ns, key)
-        if value is not None:
-            conf[key] = value
-    if not isinstance(conf.get("socket"), str) or not conf["socket"]:
-        raise shell.ConfigError("stored needs --socket (flag or [stored] socket)")
-    if conf.get("memory") is None:
-        conf["memory"] = int(psutil.virtual_memory().total * DEFAULT_MEMORY_FRACTION)
-    conf["memory"] = parse_bytes(conf["memory"], "memory")
-    if conf["memory"] <= 0:
-        raise shell.ConfigError(f"memory must be > 0, got {conf['memory']}")
-    conf["prefault"] = parse_bytes(conf.get("prefault", 0), "prefault")
-    if conf["prefault"] < 0:
-        raise shell.ConfigError("prefault must be >= 0")
-    node_id = conf.get("node_id") or ""
-    if not isinstance(node_id, str) or not re.fullmatch(r"(?:[0-9a-fA-F]{2})*", node_id):
-        raise shell.ConfigError(f"node-id must be hex, got {node_id!r}")
-    conf["node_id"] = node_id.lower()
+def _settings(ns: argparse.Namespace) -> shell.HostConfig:
+    """The host config with our flags on top; fills in the default capacity."""
+    conf = shell.resolve_config(ns, {"stored.socket": ns.socket, "stored.memory": ns.memory,
+                                     "node.id": ns.node_id, "stored.prefault": ns.prefault})
+    if conf["stored"]["memory"] is None:
+        conf["stored"]["memory"] = int(psutil.virtual_memory().total * DEFAULT_MEMORY_FRACTION)
     return conf
 
 
@@ -122,16 +86,19 @@ def _prefault(mm: mmap.mmap, fd: int, nbytes: int, log: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``stored`` console script; exits 0 on SIGTERM, 2 on bad setup."""
     ns = _args(argv)
-    log = logs.configure("stored", level=ns.log_level)
+    log = shell.start_logging("stored", ns)
     try:
         conf = _settings(ns)
+        log = shell.configured_logging("stored", conf["node"]["id"], conf)
+        shell.check_socket_dir(conf["stored"]["socket"])
     except shell.ConfigError as exc:
         shell.fail(log, str(exc))
         return
-    log = logs.configure("stored", node_id=conf["node_id"], level=ns.log_level)
-    path = conf["socket"]
-    capacity = conf["memory"]
+    path = conf["stored"]["socket"]
+    capacity = conf["stored"]["memory"]
+    prefault = conf["stored"]["prefault"]
     total_ram = psutil.virtual_memory().total
     if capacity > total_ram:
         log.warning("memory_exceeds_ram", memory=capacity, ram=total_ram)
@@ -156,16 +123,23 @@ def main(argv: list[str] | None = None) -> None:
         return
     ino = os.stat(path).st_ino
     table = ObjectTable(capacity, arena_size)
-    server = StoreServer(listen, table, arena_fd, log)
+    server = StoreServer(listen, table, arena_fd, log, node_id=conf["node"]["id"])
+    interval = sdnotify.watchdog_interval()
+    if interval is not None:  # the idle loop must turn often enough to feed the watchdog
+        server.max_wait_s = min(server.max_wait_s, interval / 2)
     log.info("stored_started", socket=path, capacity=table.capacity, arena_size=arena_size,
-             prefault=conf["prefault"])
+             prefault=prefault, config=conf.path)
     shell.notify_ready(ns.ready_fd, json.dumps({"socket": path, "capacity": table.capacity}))
-    if conf["prefault"]:
+    watchdog = sdnotify.start_watchdog(lambda: server.last_loop, log)
+    if prefault:
         threading.Thread(target=_prefault, name="prefault", daemon=True,
-                         args=(arena, arena_fd, min(conf["prefault"], arena_size), log)).start()
+                         args=(arena, arena_fd, min(prefault, arena_size), log)).start()
     try:
         server.run(stop)
     finally:
+        sdnotify.notify_stopping()
+        if watchdog is not None:
+            watchdog.stop()
         server.close()
         try:
             if os.stat(path).st_ino == ino:  # never unlink a successor's socket

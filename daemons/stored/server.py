@@ -71,11 +71,12 @@ class StoreServer:
         log: structlog logger.
         selector: injectable for tests; defaults to the platform's best.
         clock: monotonic clock; injectable for tests.
+        node_id: hex node id, reported by the health reply.
     """
 
     def __init__(self, listen: socket.socket, table: ObjectTable, arena_fd: int, log: Any,
                  selector: selectors.BaseSelector | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, node_id: str = "") -> None:
         self.listen = listen
         self.table = table
         self.arena_fd = arena_fd
@@ -86,14 +87,22 @@ class StoreServer:
         self._next_cid = 0
         self._dirty: set[_Conn] = set()
         self.sel.register(listen, selectors.EVENT_READ, _LISTEN)
+        self.node_id = node_id
+        self.started = clock()
+        # The loop wakes at least this often even when idle, and stamps
+        # last_loop each turn, so a watchdog can tell turning from wedged.
+        self.max_wait_s = 1.0
+        self.last_loop = clock()
 
     # ------------------------------------------------------------ lifecycle
     def run(self, stop: StopFlag) -> None:
         """Main loop: accept, read, dispatch, write, expire gets; until stopped."""
         self.sel.register(stop.wake_fd_r, selectors.EVENT_READ, _WAKE)
         while not stop.stopping:
+            now = self.last_loop = self.clock()
             deadline = self.table.next_deadline()
-            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            timeout = self.max_wait_s if deadline is None else max(
+                0.0, min(self.max_wait_s, deadline - now))
             for key, mask in self.sel.select(timeout):
                 if key.data is _LISTEN:
                     self._accept()
@@ -180,6 +189,9 @@ class StoreServer:
             self._dispatch(conn, msg, now)
 
     def _dispatch(self, conn: _Conn, msg: dict[str, Any], now: float) -> None:
+        if msg.get("t") in ("ping", "health"):
+            self._on_health(conn, msg, now)
+            return
         try:
             req = messages.parse(msg)
         except ProtocolError as exc:
@@ -194,6 +206,20 @@ class StoreServer:
             conn.pid, conn.name = req.pid, req.name
             self.log.info("client_hello", client=conn.cid, client_pid=req.pid, name=req.name)
         self._deliver(self.table.step(conn.cid, req, now))
+
+    def _on_health(self, conn: _Conn, msg: dict[str, Any], now: float) -> None:
+        """Answer a health probe from the shell: no core state is touched.
+
+        Any client may ask, before or without ``hello``; a reply at all means
+        "serving", the fields are for ``shoal status``.
+        """
+        r = messages.request_id(msg)
+        if r is None:
+            return
+        self._queue(conn, {"r": r, "ok": True, "daemon": "stored", "status": "serving",
+                           "pid": os.getpid(), "node_id": self.node_id,
+                           "uptime_s": round(now - self.started, 3),
+                           "clients": len(self.conns), "stats": self.table.stats()})
 
     def _protocol_failure(self, conn: _Conn, error: str) -> None:
         """The stream lost its framing: say why (best effort) and close it."""

@@ -1,0 +1,5 @@
+"""``python -m libclient.cli`` is ``shoal``."""
+
+from libclient.cli import main
+
+main()
