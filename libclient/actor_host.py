@@ -19,7 +19,6 @@ import inspect
 import os
 import selectors
 import socket
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -121,7 +120,8 @@ class ActorHost:
                     try:
                         msgs = caller.decoder.drain()
                     except ProtocolError as exc:
-                        print(f"actor: bad message from a caller: {exc}", file=sys.stderr)
+                        self.runner.log.warning("bad_message", peer="actor caller",
+                                                actor_id=self.actor_id.hex(), error=str(exc))
                         data, msgs = b"", []
                     for msg in msgs:
                         if msg["t"] == "call":

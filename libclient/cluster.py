@@ -109,10 +109,14 @@ def _read_ready(fd: int, timeout: float, proc: subprocess.Popen | None = None) -
 def _start(name: str, argv: list[str], logdir: str, procs: list) -> dict[str, Any]:
     ready_r, ready_w = os.pipe()
     log = open(os.path.join(logdir, f"{name}.log"), "ab")
+    # The embedded cluster is private to this driver: a host's shoal.toml and
+    # SHOAL_* settings (meant for the system daemons) must not leak into it.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+    env["SHOAL_CONFIG"] = "none"
     proc = subprocess.Popen([sys.executable, "-m", f"daemons.{name}", *argv,
                              "--ready-fd", str(ready_w)],
                             pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stderr=log,
-                            preexec_fn=_die_with_parent, close_fds=True)
+                            preexec_fn=_die_with_parent, close_fds=True, env=env)
     log.close()
     os.close(ready_w)
     procs.append(proc)

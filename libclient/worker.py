@@ -16,10 +16,9 @@ import signal
 import socket
 import sys
 import time
-import traceback
 from typing import Any
 
-from libclient import api, serialization
+from libclient import api, logs, serialization
 from libclient.core_worker import CoreWorker, error_wire_from
 from libclient.exceptions import RaySystemError, TaskCancelledError
 from libclient.object_ref import ObjectRef
@@ -41,6 +40,7 @@ class TaskRunner:
         self.cancelled: set[bytes] = set()
         self.running: bytes | None = None
         self.actor: Any = None  # an ActorHost once this worker hosts an actor
+        self.log: Any = logs.configure("worker", core.node_id.hex())
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, _signum: int, _frame: Any) -> None:
@@ -96,7 +96,7 @@ class TaskRunner:
                             return
                     self._read_nowait()
         except ProtocolError as exc:
-            print(f"worker: bad message from holder: {exc}", file=sys.stderr)
+            self.log.warning("bad_message", peer="lease holder", error=str(exc))
         except (ConnectionError, OSError):
             pass
         finally:
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         core = CoreWorker(ns.raylet, kind="worker", worker_id=bytes.fromhex(ns.worker_id))
     except Exception as exc:
-        print(f"worker: cannot start: {exc}", file=sys.stderr)
-        traceback.print_exc()
+        logs.configure("worker").error("worker_start_failed", error=str(exc),
+                                       exc_info=True)
         sys.exit(1)
     api._attach_worker(core)
     runner = TaskRunner(core)
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         pass
     except RaySystemError as exc:
-        print(f"worker: {exc}", file=sys.stderr)
+        runner.log.error("worker_stopped", error=str(exc))
     finally:
         try:
             os.unlink(ns.socket)

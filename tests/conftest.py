@@ -19,11 +19,23 @@ def ray():
     import libclient
 
     info = libclient.init(num_cpus=2, object_store_memory=1 << 30)
+    logs = None
     try:
         yield libclient
+        logs = _read_logs(info["session_dir"])
     finally:
         libclient.shutdown()
+    if logs is not None:
+        from test_ops_support import check_log_text
+
+        for name, text in logs.items():  # every daemon line follows docs/logging.md
+            check_log_text(text)
     assert not os.path.exists(info["session_dir"]), "session dir left behind"
+
+
+def _read_logs(session_dir):
+    folder = os.path.join(session_dir, "logs")
+    return {name: open(os.path.join(folder, name)).read() for name in os.listdir(folder)}
 
 
 def children_of_me():
