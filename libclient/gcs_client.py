@@ -1,29 +1,59 @@
-"""Client for gcsd, the control store: requests over a ZeroMQ DEALER, changes over SUB.
+"""Client for gcsd, the control store: routes by shard, writes to heads, reads from tails.
 
-Every request is one frame, a msgpack map ``{"t": method, "r": id, ...}``;
-gcsd answers ``{"r": id, "ok": True, ...}`` or ``{"r": id, "ok": False,
-"error": ...}``. A message without ``"r"`` is one-way: gcsd sends nothing
-back, which is what makes heartbeats and task-event batches cheap.
+Every request is one ZeroMQ frame, a msgpack map ``{"t": method, "r": id,
+...}``; gcsd answers ``{"r": id, "ok": True, ...}`` or ``{"r": id, "ok":
+False, "error": ...}``. A message without ``"r"`` is one-way: gcsd sends
+nothing back, which is what makes heartbeats and task-event batches cheap.
+
+Addresses. ``GcsClient("tcp://h:p")`` names one gcsd member; a
+comma-separated list names several (``"tcp://a:6379,tcp://b:6379"``). On
+first use the client asks a member for the layout (``config``: members,
+number of shards, each shard's epoch and chain) and from then on sends each
+request straight to where it belongs:
+
+* a key's shard is ``crc32(table + NUL + key) % N`` (:func:`shard_of`);
+* writes go to the shard's head, reads to its tail, scans to every tail;
+* ``put_batch`` is split by shard and the parts are sent together.
+
+Retries. Every request carries this client's random id ``"c"`` and a
+request id ``"r"`` that stays the same across retries, so a write retried
+after a reconfiguration (the head died after applying it, say) is applied
+once: the new head recognises it and answers what the first attempt got.
+A member that is not the right head/tail, or is at another epoch, answers
+``{"ok": False, "retry": True}``; no answer within a short attempt timeout
+counts the same. Either way the client re-reads the layout (from any
+member) and tries again until ``timeout`` runs out; then it raises
+:class:`GcsUnavailableError`. The longest stall is about the master's
+failure-detection time plus one attempt timeout.
 
 One ZeroMQ context serves the whole process (``zmq.Context.instance()``,
 which pyzmq recreates after a fork). ZeroMQ sockets are not thread-safe, so
-:class:`GcsClient` serialises its socket behind a lock. A call never waits
-longer than its timeout: after a timeout the socket is thrown away and a
-fresh one connected, so a late reply to the abandoned request can never be
-taken for the answer to a later one.
+:class:`GcsClient` serialises its sockets behind a lock. Replies are matched
+by request id, so a late reply to an abandoned attempt is simply dropped.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
 import time
+import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import zmq
 
 from libclient.protocol import encode_body
+
+# A write normally commits in a millisecond or two; no answer in this long
+# means the member is gone or being replaced, so look at the layout again.
+ATTEMPT_TIMEOUT_S = 0.25
+# How long to wait for one member to describe the layout.
+CONFIG_TIMEOUT_S = 0.25
+_ANY_METHODS = frozenset({"ping", "info", "config"})
 
 
 class GcsError(Exception):
@@ -32,6 +62,42 @@ class GcsError(Exception):
 
 class GcsUnavailableError(GcsError):
     """gcsd did not answer in time (down, unreachable, or overloaded)."""
+
+
+# ---------------------------------------------------------------- routing
+# Which replica serves what (shared with gcsd, which imports these).
+READ_METHODS = frozenset({"kv_get", "kv_exists", "get"})
+FANOUT_METHODS = frozenset({"kv_keys", "scan", "get_nodes"})  # read every shard's tail
+WRITE_METHODS = frozenset({"kv_put", "kv_del", "put", "delete", "next_job_id",
+                           "register_node", "heartbeat", "unregister_node", "put_batch"})
+JOB_COUNTER = ("meta", b"job_counter")
+
+
+def shard_of(table: str, key: bytes, shards: int) -> int:
+    """The shard of ``table[key]``: a stable hash (crc32), the same in every process."""
+    return zlib.crc32(table.encode() + b"\x00" + key) % shards
+
+
+def route_key(method: str, fields: dict[str, Any]) -> tuple[str, bytes] | None:
+    """The ``(table, key)`` a single-key request touches, or None if it names none.
+
+    None also for malformed fields: such a request goes anywhere and gcsd
+    answers with the validation error.
+    """
+    if method in ("kv_get", "kv_exists", "kv_put", "kv_del"):
+        ns, key = fields.get("ns"), fields.get("key")
+        if isinstance(ns, str) and isinstance(key, bytes):
+            return "kv", ns.encode() + b"\x00" + key
+        return None
+    if method in ("put", "get", "delete"):
+        table, key = fields.get("table"), fields.get("key")
+        return (table, key) if isinstance(table, str) and isinstance(key, bytes) else None
+    if method == "next_job_id":
+        return JOB_COUNTER
+    if method in ("register_node", "heartbeat", "unregister_node"):
+        node = fields.get("node_id")
+        return ("nodes", node) if isinstance(node, bytes) else None
+    return None
 
 
 def _context() -> zmq.Context:
@@ -52,100 +118,301 @@ def _bytes(key: bytes | str) -> bytes:
     return key.encode() if isinstance(key, str) else key
 
 
+@dataclass
+class Layout:
+    """Where every shard lives, as the members last told us."""
+
+    members: list[str]
+    shards: int
+    epochs: list[int]
+    chains: list[list[int]]
+
+    def head(self, shard: int) -> str:
+        return self.members[self.chains[shard][0]]
+
+    def tail(self, shard: int) -> str:
+        return self.members[self.chains[shard][-1]]
+
+
+def merge_replies(method: str, fields: dict[str, Any],
+                  replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine per-shard answers to a scan-like request (shared with gcsd)."""
+    if method == "scan":
+        items = sorted((it for r in replies for it in r.get("items", [])), key=lambda i: i[0])
+        limit = fields.get("limit")
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            items = items[:limit]
+        return {"items": items}
+    if method == "kv_keys":
+        return {"keys": sorted(k for r in replies for k in r.get("keys", []))}
+    return {"nodes": [n for r in replies for n in r.get("nodes", [])]}
+
+
+@dataclass
+class _Part:
+    shard: int | None  # None: any member (unroutable or shard-less requests)
+    fields: dict[str, Any]
+    write: bool
+    rid: int
+    reply: dict[str, Any] | None = None
+
+
 class GcsClient:
-    """A thread-safe connection to one gcsd.
+    """A thread-safe client of a gcsd deployment (one member or many).
 
     Args:
-        address: gcsd's request address, e.g. ``"tcp://127.0.0.1:6379"``.
-        timeout: seconds to wait for any one reply (or to queue a send).
+        address: one member's request address, e.g. ``"tcp://127.0.0.1:6379"``,
+            or several, comma-separated.
+        timeout: seconds a call may take, retries included (or to queue a send).
     """
 
     def __init__(self, address: str, timeout: float = 10.0) -> None:
         self.address = address
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        if not self.addresses:
+            raise ValueError("GcsClient needs at least one address")
         self.timeout = timeout
         self._lock = threading.Lock()
-        self._next_id = 0
-        self._sock: zmq.Socket | None = self._connect()
+        self._cid = os.urandom(8)
+        self._rids = itertools.count(1)
+        self._socks: dict[str, zmq.Socket] = {}
+        self._layout: Layout | None = None
+        self._stale = False
         self._closed = False
+        self._next_member = 0
+        self.retries = 0  # attempts that had to be repeated (for tests and benchmarks)
 
-    def _connect(self) -> zmq.Socket:
-        sock = _context().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
-        sock.connect(self.address)
+    # ------------------------------------------------------------ sockets
+    def _sock(self, address: str) -> zmq.Socket:
+        if self._closed:
+            raise GcsError("GcsClient is closed")
+        sock = self._socks.get(address)
+        if sock is None:
+            sock = _context().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.connect(address)
+            self._socks[address] = sock
         return sock
 
-    def _reconnect(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        self._sock = self._connect()
+    def _drop_sock(self, address: str) -> None:
+        """Forget a socket whose peer stopped answering, with whatever it had queued."""
+        sock = self._socks.pop(address, None)
+        if sock is not None:
+            sock.close(linger=0)
 
-    def _socket(self) -> zmq.Socket:
-        if self._closed or self._sock is None:
-            raise GcsError("GcsClient is closed")
-        return self._sock
+    def _send(self, address: str, msg: dict[str, Any]) -> bool:
+        try:
+            self._sock(address).send(encode_body(msg), zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _collect(self, waiting: dict[int, Any], deadline: float) -> dict[int, dict[str, Any]]:
+        """Wait until every rid in ``waiting`` is answered or ``deadline`` passes."""
+        got: dict[int, dict[str, Any]] = {}
+        poller = zmq.Poller()
+        for sock in self._socks.values():
+            poller.register(sock, zmq.POLLIN)
+        while len(got) < len(waiting):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for sock, _ev in poller.poll(max(1, int(remaining * 1000))):
+                while True:
+                    try:
+                        frame = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    reply = _decode(frame)
+                    rid = reply.get("r")
+                    if rid in waiting:
+                        got[rid] = reply
+                    # else: the answer to an attempt we already gave up on
+        return got
+
+    # ------------------------------------------------------------ layout
+    def _refresh(self, deadline: float, avoid: set[str] = frozenset()) -> bool:
+        """Ask members for the layout; keep, per shard, the highest epoch heard."""
+        known = self._layout.members if self._layout and len(self._layout.members) > 1 else []
+        candidates = list(dict.fromkeys([*known, *self.addresses]))
+        n = len(candidates)
+        order = [candidates[(self._next_member + i) % n] for i in range(n)]
+        order.sort(key=lambda a: a in avoid)
+        self._next_member += 1
+        for address in order:
+            if time.monotonic() >= deadline:
+                return False
+            rid = next(self._rids)
+            if not self._send(address, {"t": "config", "r": rid}):
+                continue
+            got = self._collect({rid: None}, min(deadline, time.monotonic() + CONFIG_TIMEOUT_S))
+            reply = got.get(rid)
+            if reply is None:
+                self._drop_sock(address)
+                continue
+            layout = _layout(reply, address, self.addresses)
+            if layout is None:
+                continue
+            old = self._layout
+            if old is not None and old.shards == layout.shards and old.members == layout.members:
+                for s in range(layout.shards):  # never go back to an older epoch
+                    if old.epochs[s] > layout.epochs[s]:
+                        layout.epochs[s], layout.chains[s] = old.epochs[s], old.chains[s]
+            self._layout = layout
+            self._stale = False
+            return True
+        return False
+
+    def layout(self) -> Layout:
+        """The current layout (fetched on first use)."""
+        with self._lock:
+            deadline = time.monotonic() + self.timeout
+            while self._layout is None:
+                if not self._refresh(deadline) and time.monotonic() >= deadline:
+                    raise GcsUnavailableError(f"no gcsd member at {self.address} answered")
+            return self._layout
 
     # ------------------------------------------------------------ transport
     def call(self, method: str, **fields: Any) -> dict[str, Any]:
-        """Send a request and wait for its reply.
+        """Send a request to wherever it belongs and wait for its reply.
 
         Returns:
             The reply map (``ok`` is True; result fields as gcsd documents them).
 
         Raises:
             GcsError: gcsd answered with an error.
-            GcsUnavailableError: no reply within ``timeout`` seconds.
+            GcsUnavailableError: no (usable) reply within ``timeout`` seconds.
         """
         with self._lock:
-            sock = self._socket()
-            self._next_id += 1
-            rid = self._next_id
-            frame = encode_body({**fields, "t": method, "r": rid})
             deadline = time.monotonic() + self.timeout
-            try:
-                sock.send(frame)
-            except zmq.Again:
-                self._reconnect()
-                raise GcsUnavailableError(f"gcsd at {self.address} is not accepting "
-                                          f"requests") from None
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not sock.poll(max(1, int(remaining * 1000))):
-                    self._reconnect()
-                    raise GcsUnavailableError(f"no reply from gcsd at {self.address} to "
-                                              f"{method!r} within {self.timeout:g}s")
-                reply = _decode(sock.recv())
-                if reply.get("r") == rid:
-                    break
-                # A reply to a request whose caller gave up (only possible if
-                # it raced the reconnect); it answers nothing we still ask.
-        if not reply.get("ok"):
-            raise GcsError(str(reply.get("error", "request failed")))
-        return reply
+            if method in _ANY_METHODS:
+                return self._run(method, [_Part(None, fields, False, next(self._rids))],
+                                 deadline)[0]
+            parts = self._plan(method, fields, deadline)
+            replies = self._run(method, parts, deadline)
+        if len(replies) == 1:
+            return replies[0]
+        if method == "put_batch":
+            return {"ok": True}
+        return {"ok": True, **merge_replies(method, fields, replies)}
+
+    def _plan(self, method: str, fields: dict[str, Any], deadline: float) -> list[_Part]:
+        """Split a request into per-shard parts (one part if it has one shard)."""
+        layout = self._ensure_layout(deadline)
+        write = method in WRITE_METHODS
+        if "s" in fields or layout is None:
+            return [_Part(fields.get("s"), fields, write, next(self._rids))]
+        single = len(layout.members) == 1  # one member serves every shard: let it split
+        if method in FANOUT_METHODS:
+            if single:
+                return [_Part(None, fields, False, next(self._rids))]
+            return [_Part(s, fields, False, next(self._rids)) for s in range(layout.shards)]
+        if method == "put_batch":
+            items, table = fields.get("items"), fields.get("table")
+            if single or not isinstance(items, list) or not isinstance(table, str):
+                return [_Part(None if single else 0, fields, True, next(self._rids))]
+            groups: dict[int, list[Any]] = {}
+            for item in items:
+                key = item[0] if isinstance(item, list | tuple) and item else None
+                if not isinstance(key, bytes):
+                    return [_Part(0, fields, True, next(self._rids))]  # gcsd names the fault
+                groups.setdefault(shard_of(table, key, layout.shards), []).append(item)
+            return [_Part(s, {**fields, "items": part}, True, next(self._rids))
+                    for s, part in groups.items()]
+        where = route_key(method, fields)
+        shard = shard_of(*where, layout.shards) if where else None
+        return [_Part(shard, fields, write, next(self._rids))]
+
+    def _ensure_layout(self, deadline: float) -> Layout | None:
+        if self._layout is None or self._stale:
+            self._refresh(deadline)
+        return self._layout
+
+    def _target(self, part: _Part) -> tuple[str, dict[str, Any]]:
+        layout = self._layout
+        extra: dict[str, Any] = {"c": self._cid}
+        if part.shard is None or layout is None or not 0 <= part.shard < layout.shards:
+            address = layout.members[0] if layout and len(layout.members) == 1 else None
+            return address or self.addresses[self._next_member % len(self.addresses)], extra
+        s = part.shard
+        extra.update(s=s, e=layout.epochs[s])
+        return (layout.head(s) if part.write else layout.tail(s)), extra
+
+    def _run(self, method: str, parts: list[_Part], deadline: float) -> list[dict[str, Any]]:
+        """Send every part until each is answered; retry refusals and silence."""
+        pending = list(parts)
+        while True:
+            targets: dict[int, str] = {}
+            waiting: dict[int, _Part] = {}
+            for part in pending:
+                address, extra = self._target(part)
+                if self._send(address, {**part.fields, **extra, "t": method, "r": part.rid}):
+                    targets[part.rid] = address
+                    waiting[part.rid] = part
+            got = self._collect(waiting, min(deadline, time.monotonic() + ATTEMPT_TIMEOUT_S))
+            failed: GcsError | None = None
+            silent: set[str] = set()
+            retry = False
+            for part in pending:
+                reply = got.get(part.rid)
+                if reply is None:
+                    silent.add(targets.get(part.rid, ""))
+                    continue
+                if reply.get("ok"):
+                    part.reply = reply
+                    self._note_epoch(part, reply)
+                elif reply.get("retry"):
+                    retry = True
+                else:
+                    failed = GcsError(str(reply.get("error", "request failed")))
+            if failed is not None:
+                raise failed
+            pending = [p for p in pending if p.reply is None]
+            if not pending:
+                return [p.reply for p in parts if p.reply is not None]
+            if time.monotonic() >= deadline:
+                raise GcsUnavailableError(
+                    f"no reply from gcsd at {self.address} to {method!r} within "
+                    f"{self.timeout:g}s")
+            self.retries += 1
+            for address in silent:
+                self._drop_sock(address)
+            if silent or retry:
+                refreshed = self._refresh(deadline, avoid=silent)
+                if retry and not silent and refreshed:
+                    time.sleep(0.01)  # the member may not have heard the new config yet
+
+    def _note_epoch(self, part: _Part, reply: dict[str, Any]) -> None:
+        epoch = reply.get("e")
+        layout = self._layout
+        if (part.shard is not None and layout is not None and isinstance(epoch, int)
+                and 0 <= part.shard < layout.shards and epoch > layout.epochs[part.shard]):
+            self._stale = True  # the chain changed under us: look before the next call
 
     def send_oneway(self, method: str, **fields: Any) -> None:
         """Send a request that gets no reply (gcsd only logs it if it is bad).
 
         Raises:
-            GcsUnavailableError: the send queue stayed full for ``timeout`` seconds.
+            GcsUnavailableError: the layout could not be read, or a send queue is full.
         """
-        frame = encode_body({**fields, "t": method})
         with self._lock:
-            sock = self._socket()
-            try:
-                sock.send(frame)
-            except zmq.Again:
-                self._reconnect()
-                raise GcsUnavailableError(f"gcsd at {self.address} is not accepting "
-                                          f"messages") from None
+            deadline = time.monotonic() + self.timeout
+            parts = self._plan(method, fields, deadline)
+            if self._layout is None:
+                raise GcsUnavailableError(f"no gcsd member at {self.address} answered")
+            for part in parts:
+                address, extra = self._target(part)
+                if not self._send(address, {**part.fields, **extra, "t": method}):
+                    raise GcsUnavailableError(f"gcsd at {address} is not accepting messages")
 
     def close(self) -> None:
-        """Close the socket (idempotent). The shared context stays up."""
+        """Close the sockets (idempotent). The shared context stays up."""
         with self._lock:
             self._closed = True
-            if self._sock is not None:
-                self._sock.close(linger=0)
-                self._sock = None
+            for sock in self._socks.values():
+                sock.close(linger=0)
+            self._socks.clear()
 
     def __enter__(self) -> GcsClient:
         return self
@@ -240,27 +507,36 @@ class GcsSubscriber:
     """Receives gcsd's change notifications for some tables.
 
     Each notification is ``{"table", "op": "put"|"delete", "key", "value",
-    "seq"}``. As with any ZeroMQ PUB/SUB, changes published before the
-    subscription reaches gcsd are not delivered, and a subscriber that
-    falls far behind loses messages. ``seq`` increases with every committed
-    write across all tables (internal ones too, which are not published), so
-    it orders changes but a gap alone does not prove a lost message.
-    Not thread-safe.
+    "seq", "shard", "tseq"}``. ``seq`` is the shard's update number;
+    ``tseq`` numbers the changes to one table on one shard, 1, 2, 3, ..., so
+    a jump means notifications were lost (a PUB drops them before the
+    subscription reaches gcsd, and when a subscriber falls far behind). The
+    subscriber counts such jumps in :attr:`gaps` (per ``(shard, table)`` in
+    :attr:`missed`); the cure is to read the table again (``table_scan``,
+    the snapshot) and carry on. After a tail fails, its successor may send
+    some notifications again; those (``tseq`` not above the last one seen)
+    are dropped here. Not thread-safe.
 
     Args:
-        pubsub_address: gcsd's pub-sub address (``info()["pubsub"]``).
+        pubsub_address: gcsd's pub-sub address (``info()["pubsub"]``); with
+            several members, their addresses comma-separated.
         tables: table names to receive; empty means all.
     """
 
     def __init__(self, pubsub_address: str, tables: list[str]) -> None:
         self.address = pubsub_address
         self.tables = frozenset(tables)
+        self.gaps = 0
+        self.missed: set[tuple[int, str]] = set()
+        self._last: dict[tuple[int, str], int] = {}
         self._sock: zmq.Socket | None = _context().socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         # ZeroMQ matches topics by prefix; recv() re-checks the exact name.
         for table in self.tables or {""}:
             self._sock.setsockopt(zmq.SUBSCRIBE, table.encode())
-        self._sock.connect(pubsub_address)
+        for address in pubsub_address.split(","):
+            if address.strip():
+                self._sock.connect(address.strip())
 
     def recv(self, timeout: float) -> dict[str, Any] | None:
         """Return the next change, or None if none arrives within ``timeout`` seconds."""
@@ -277,7 +553,23 @@ class GcsSubscriber:
             topic = frames[0].decode(errors="replace")
             if self.tables and topic not in self.tables:
                 continue
-            return _decode(frames[1])
+            msg = _decode(frames[1])
+            if self._fresh(msg):
+                return msg
+
+    def _fresh(self, msg: dict[str, Any]) -> bool:
+        shard, tseq, table = msg.get("shard"), msg.get("tseq"), msg.get("table")
+        if not isinstance(shard, int) or not isinstance(tseq, int) or not isinstance(table, str):
+            return True
+        key = (shard, table)
+        last = self._last.get(key)
+        if last is not None and tseq <= last:
+            return False  # sent again by a new tail
+        if last is not None and tseq > last + 1:
+            self.gaps += 1
+            self.missed.add(key)
+        self._last[key] = tseq
+        return True
 
     def close(self) -> None:
         if self._sock is not None:
@@ -289,3 +581,23 @@ class GcsSubscriber:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _layout(reply: dict[str, Any], asked: str, given: list[str]) -> Layout | None:
+    """Check a ``config`` reply; a lone member is reached at the address we used."""
+    members, shards, configs = reply.get("members"), reply.get("shards"), reply.get("configs")
+    if (not isinstance(members, list) or not members or not isinstance(shards, int)
+            or not isinstance(configs, list) or len(configs) != shards):
+        return None
+    if len(members) == 1:
+        members = [asked]
+    epochs, chains = [0] * shards, [[0]] * shards
+    for item in configs:
+        try:
+            s, epoch, chain = item
+            if not chain or any(not 0 <= m < len(members) for m in chain):
+                return None
+            epochs[s], chains[s] = int(epoch), list(chain)
+        except (TypeError, ValueError, IndexError):
+            return None
+    return Layout(list(members), shards, epochs, chains)

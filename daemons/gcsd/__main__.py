@@ -1,7 +1,15 @@
-"""``gcsd``: the cluster's control store daemon.
+"""``gcsd``: the cluster's control store daemon (a member, or the chain master).
 
     gcsd --data-dir DIR [--host 127.0.0.1] [--port 6379] [--config shoal.toml]
          [--ready-fd FD] [--node-timeout-s 10] [--log-level info]
+         [--shards 4] [--chain-length 1] [--members A,B,C --member-id K]
+         [--master ADDR] [--role member|master] [--heartbeat-s 0.1] [--dead-s 0.6]
+
+Alone (no ``--members``), one process hosts every shard as a chain of one,
+and needs no master: the laptop setup. With ``--members`` (request addresses
+of every member, in id order) the process is member ``--member-id`` and
+follows the chain master at ``--master``, which is the same program run with
+``--role master``. See docs/gcs.md.
 
 Requests arrive on a ZeroMQ ROUTER at tcp://HOST:PORT, changes are
 published on tcp://HOST:PORT+1 (both random when PORT is 0). Once serving,
@@ -23,14 +31,19 @@ import zmq
 
 from daemons import shell
 from daemons.gcsd.core import ControlStore
-from daemons.gcsd.replication import SingleReplica
-from daemons.gcsd.server import GcsServer, bind_sockets
-from daemons.gcsd.tables import LmdbTableStore, StorageError
+from daemons.gcsd.master import ChainMaster
+from daemons.gcsd.master_server import MasterServer, bind_master, load_state
+from daemons.gcsd.replication import LocalReads
+from daemons.gcsd.server import Deployment, GcsServer, bind_sockets
+from daemons.gcsd.shardstore import ShardStore
+from daemons.gcsd.tables import StorageError
 from libclient import __version__, logs
 
 DEFAULT_PORT = 6379  # Ray's default GCS port, so existing firewall rules carry over
 DEFAULT_NODE_TIMEOUT_S = 10.0
-_KNOWN = {"host", "port", "data_dir", "node_timeout_s", "sync"}
+DEFAULT_SHARDS = 4
+_KNOWN = {"host", "port", "data_dir", "node_timeout_s", "sync", "shards", "chain_length",
+          "members", "member_id", "master", "role", "heartbeat_s", "dead_s"}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,12 +52,23 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help=f"request port; pub-sub uses port+1; "
                                             f"0 picks free ports (default {DEFAULT_PORT})")
     p.add_argument("--data-dir", help="LMDB directory; created 0700 if missing")
-    p.add_argument("--config", help="TOML file; its [gcsd] table sets host, port, data_dir, "
-                                    "node_timeout_s, sync")
+    p.add_argument("--config", help="TOML file; its [gcsd] table sets any of: "
+                                    + ", ".join(sorted(_KNOWN)))
     p.add_argument("--ready-fd", type=int, help="write one JSON line here once serving")
     p.add_argument("--node-timeout-s", type=float,
                    help=f"declare a silent node DEAD after this long "
                         f"(default {DEFAULT_NODE_TIMEOUT_S:g})")
+    p.add_argument("--shards", type=int, help=f"number of shards N (default {DEFAULT_SHARDS})")
+    p.add_argument("--chain-length", type=int,
+                   help="replicas per shard R (default 1; at most the number of members)")
+    p.add_argument("--members", help="comma-separated request addresses of all members, "
+                                     "in member-id order")
+    p.add_argument("--member-id", type=int, help="this member's index in --members")
+    p.add_argument("--master", help="the chain master's address (needed with --members)")
+    p.add_argument("--role", choices=("member", "master"), help="default member")
+    p.add_argument("--heartbeat-s", type=float, help="member -> master heartbeat (default 0.1)")
+    p.add_argument("--dead-s", type=float,
+                   help="master: remove a member silent this long (default 0.6)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
@@ -60,23 +84,57 @@ def _settings(ns: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise shell.ConfigError(f"unknown [gcsd] config keys: {sorted(unknown)}")
     conf = {k: v for k, v in conf.items() if k in _KNOWN}
-    for key in ("host", "port", "data_dir", "node_timeout_s"):
+    for key in ("host", "port", "data_dir", "node_timeout_s", "shards", "chain_length",
+                "members", "member_id", "master", "role", "heartbeat_s", "dead_s"):
         value = getattr(ns, key)
         if value is not None:
             conf[key] = value
     conf.setdefault("host", "127.0.0.1")
-    conf.setdefault("port", DEFAULT_PORT)
     conf.setdefault("node_timeout_s", DEFAULT_NODE_TIMEOUT_S)
     conf.setdefault("sync", False)
+    conf.setdefault("shards", DEFAULT_SHARDS)
+    conf.setdefault("chain_length", 1)
+    conf.setdefault("role", "member")
+    conf.setdefault("heartbeat_s", 0.1)
+    conf.setdefault("dead_s", 0.6)
+    members = conf.get("members")
+    if isinstance(members, str):
+        members = [m.strip() for m in members.split(",") if m.strip()]
+    if members is not None and (not isinstance(members, list) or not members
+                                or not all(isinstance(m, str) and m.startswith("tcp://")
+                                           and m.rpartition(":")[2].isdigit()
+                                           for m in members)):
+        raise shell.ConfigError(f"members must be tcp://host:port addresses, got {members!r}")
+    conf["members"] = members
     if not isinstance(conf["host"], str) or not conf["host"]:
         raise shell.ConfigError(f"host must be a non-empty string, got {conf['host']!r}")
+    for key, lo in (("shards", 1), ("chain_length", 1)):
+        v = conf[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise shell.ConfigError(f"{key} must be an integer >= {lo}, got {v!r}")
+    for key in ("node_timeout_s", "heartbeat_s", "dead_s"):
+        v = conf[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise shell.ConfigError(f"{key} must be a number > 0, got {v!r}")
+        conf[key] = float(v)
+    if conf["role"] not in ("member", "master"):
+        raise shell.ConfigError(f"role must be member or master, got {conf['role']!r}")
+    if members is not None and conf["role"] == "member":
+        mid = conf.get("member_id")
+        if isinstance(mid, bool) or not isinstance(mid, int) or not 0 <= mid < len(members):
+            raise shell.ConfigError(f"member_id must be 0..{len(members) - 1} with members")
+        if len(members) > 1 and not conf.get("master"):
+            raise shell.ConfigError("a member of several needs --master")
+        conf.setdefault("port", int(members[mid].rpartition(":")[2]))
+    if conf["role"] == "master" and members is None:
+        raise shell.ConfigError("the master needs --members")
+    if conf["chain_length"] > len(members or [None]):
+        raise shell.ConfigError(f"chain_length {conf['chain_length']} exceeds the "
+                                f"{len(members or [None])} member(s)")
+    conf.setdefault("port", DEFAULT_PORT)
     port = conf["port"]
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65534:
         raise shell.ConfigError(f"port must be an integer 0..65534, got {port!r}")
-    timeout = conf["node_timeout_s"]
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise shell.ConfigError(f"node_timeout_s must be a number > 0, got {timeout!r}")
-    conf["node_timeout_s"] = float(timeout)
     if not isinstance(conf.get("data_dir"), str) or not conf["data_dir"]:
         raise shell.ConfigError("gcsd needs --data-dir (flag or [gcsd] data_dir)")
     if not isinstance(conf["sync"], bool):
@@ -103,6 +161,49 @@ def _lock_data_dir(path: str) -> IO[bytes]:
     return lock
 
 
+def _run_master(conf: dict[str, Any], ns: argparse.Namespace, log: Any) -> None:
+    members = conf["members"]
+    tick_s = 0.05
+    try:
+        master = ChainMaster(len(members), conf["shards"], conf["chain_length"],
+                             dead_ticks=max(2, round(conf["dead_s"] / tick_s)),
+                             state=load_state(conf["data_dir"]))
+    except (ValueError, OSError) as exc:
+        shell.fail(log, f"master state in {conf['data_dir']} is unusable: {exc}")
+        return
+    ctx = zmq.Context()
+    try:
+        router, address = bind_master(ctx, conf["host"], conf["port"])
+    except zmq.ZMQError as exc:
+        ctx.term()
+        shell.fail(log, f"cannot bind {conf['host']}:{conf['port']}: {exc}")
+        return
+    server = MasterServer(router, master, conf["data_dir"], members, log, tick_s)
+    log.info("gcsd_started", role="master", address=address, data_dir=conf["data_dir"],
+             configs=master.configs(), version=__version__)
+    shell.notify_ready(ns.ready_fd, json.dumps({"address": address}))
+    stop = shell.StopFlag()
+    try:
+        server.run(stop)
+    finally:
+        server.close()
+        ctx.term()
+        log.info("gcsd_stopped", requests=server.handled)
+
+
+def _open_replicas(conf: dict[str, Any], pubsub: str
+                   ) -> dict[int, tuple[ShardStore, ControlStore]]:
+    """Open this member's replicas: every shard (each member may join any chain)."""
+    out: dict[int, tuple[ShardStore, ControlStore]] = {}
+    for s in range(conf["shards"]):
+        store = ShardStore(os.path.join(conf["data_dir"], f"shard-{s}"), sync=conf["sync"])
+        core = ControlStore(LocalReads(store.tables, store),
+                            node_timeout_s=conf["node_timeout_s"], pubsub_address=pubsub,
+                            version=__version__, now=time.monotonic())
+        out[s] = (store, core)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``gcsd`` console script; exits 0 on SIGTERM, 2 on bad setup."""
     ns = _args(argv)
@@ -113,33 +214,45 @@ def main(argv: list[str] | None = None) -> None:
     except shell.ConfigError as exc:
         shell.fail(log, str(exc))
         return
+    if conf["role"] == "master":
+        try:
+            _run_master(conf, ns, log)
+        finally:
+            lock.close()
+        sys.exit(0)
     stop = shell.StopFlag()
-    try:
-        store = LmdbTableStore(conf["data_dir"], sync=conf["sync"])
-    except StorageError as exc:
-        shell.fail(log, str(exc))
-        return
     ctx = zmq.Context()
     try:
         router, pub, address, pubsub = bind_sockets(ctx, conf["host"], conf["port"])
     except shell.ConfigError as exc:
-        store.close()
         ctx.term()
         shell.fail(log, str(exc))
         return
-    core = ControlStore(SingleReplica(store), node_timeout_s=conf["node_timeout_s"],
-                        pubsub_address=pubsub, version=__version__, now=time.monotonic())
+    members = conf["members"] or [address]
+    member = conf.get("member_id", 0) if conf["members"] else 0
+    try:
+        replicas = _open_replicas(conf, pubsub)
+    except StorageError as exc:
+        router.close()
+        pub.close()
+        ctx.term()
+        shell.fail(log, str(exc))
+        return
+    deployment = Deployment(member, members, conf["shards"],
+                            conf.get("master") if conf["members"] else None,
+                            heartbeat_s=conf["heartbeat_s"], chain_length=conf["chain_length"])
     tick_s = min(1.0, max(0.05, conf["node_timeout_s"] / 4))
-    server = GcsServer(router, pub, core, log, tick_s)
+    server = GcsServer(router, pub, replicas, deployment, log, tick_s, ctx, pubsub)
     log.info("gcsd_started", address=address, pubsub=pubsub, data_dir=conf["data_dir"],
-             node_timeout_s=conf["node_timeout_s"], seq=core.shard.last_seq,
+             node_timeout_s=conf["node_timeout_s"], member=member, members=members,
+             shards=conf["shards"], chain_length=conf["chain_length"],
+             master=deployment.master, seq=sum(s.applied for s, _c in replicas.values()),
              version=__version__)
     shell.notify_ready(ns.ready_fd, json.dumps({"address": address, "pubsub": pubsub}))
     try:
         server.run(stop)
     finally:
         server.close()
-        store.close()
         ctx.term()
         lock.close()
         log.info("gcsd_stopped", requests=server.handled)
@@ -148,3 +261,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+

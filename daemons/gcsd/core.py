@@ -109,6 +109,16 @@ class _Effect:
     forget: list[bytes] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A request checked and planned but not yet committed (see ControlStore.prepare)."""
+
+    rid: int | None
+    method: Any
+    effect: _Effect = field(default_factory=_Effect)
+    rejected: Outcome | None = None
+
+
 _Handler = Callable[[dict[str, Any], float, float], _Effect]
 
 
@@ -149,9 +159,7 @@ class ControlStore:
             "unregister_node": self._step_unregister_node,
             "get_nodes": self._step_get_nodes,
         }
-        for node_id, record in shard.scan("nodes"):
-            if isinstance(record, dict) and record.get("state") == ALIVE:
-                self.liveness.heard(node_id, now)
+        self.reset_liveness(now)
 
     @property
     def methods(self) -> list[str]:
@@ -176,38 +184,64 @@ class ControlStore:
         return self.step(msg, now, wall)
 
     def step(self, msg: dict[str, Any], now: float, wall: float) -> Outcome:
-        """Handle one decoded request map.
+        """Handle one decoded request map, committing through ``self.shard``.
 
         Returns:
             An Outcome whose writes, if any, are committed.
+        """
+        prep = self.prepare(msg, now, wall)
+        if prep.rejected is not None:
+            return prep.rejected
+        effect = prep.effect
+        try:
+            committed = self.shard.commit(effect.ops) if effect.ops else []
+        except StorageError as exc:
+            out = _rejected(prep.rid, prep.method, str(exc))
+            out.notices = [Notice("error", "storage_error", {"method": prep.method,
+                                                              "error": str(exc)})]
+            return out
+        self.settle(effect, now)
+        reply = None if prep.rid is None else {"r": prep.rid, "ok": True, **effect.result}
+        return Outcome(reply, _publications(committed), effect.notices)
+
+    def prepare(self, msg: dict[str, Any], now: float, wall: float) -> Prepared:
+        """Validate a request and plan it against the current state, changing nothing.
+
+        The chain shell calls this at the head, proposes ``effect.ops`` and
+        answers with ``effect.result`` once they commit; then it calls
+        :meth:`settle`.
         """
         method = msg.get("t")
         rid = msg.get("r")
         if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool)):
             # Without a usable id the sender could not match a reply anyway.
-            return _rejected(None, method, f"request id 'r' has type {type(rid).__name__}")
+            return Prepared(None, method, rejected=_rejected(
+                None, method, f"request id 'r' has type {type(rid).__name__}"))
         handler = self._handlers.get(method) if isinstance(method, str) else None
         if handler is None:
-            return _rejected(rid, method, f"unknown method {method!r}")
+            return Prepared(rid, method, rejected=_rejected(rid, method,
+                                                            f"unknown method {method!r}"))
         try:
             effect = handler(msg, now, wall)
-            committed = self.shard.commit(effect.ops) if effect.ops else []
         except ProtocolError as exc:
-            return _rejected(rid, method, str(exc))
-        except StorageError as exc:
-            out = _rejected(rid, method, str(exc))
-            out.notices = [Notice("error", "storage_error", {"method": method,
-                                                              "error": str(exc)})]
-            return out
+            return Prepared(rid, method, rejected=_rejected(rid, method, str(exc)))
+        return Prepared(rid, method, effect)
+
+    def settle(self, effect: _Effect, now: float) -> None:
+        """Record the liveness side of an effect whose ops were accepted."""
         for node_id in effect.heard:
             self.liveness.heard(node_id, now)
         for node_id in effect.forget:
             self.liveness.forget(node_id)
-        reply = None if rid is None else {"r": rid, "ok": True, **effect.result}
-        return Outcome(reply, _publications(committed), effect.notices)
 
-    def tick(self, now: float, wall: float) -> Outcome:
-        """Advance time: declare DEAD every node silent for longer than the timeout."""
+    def reset_liveness(self, now: float) -> None:
+        """Time every node recorded ALIVE afresh from ``now`` (a new head, a restart)."""
+        for node_id, record in self.shard.scan("nodes"):
+            if isinstance(record, dict) and record.get("state") == ALIVE:
+                self.liveness.heard(node_id, now)
+
+    def plan_tick(self, now: float, wall: float) -> tuple[list[Op], list[Notice]]:
+        """The writes that declare silent nodes DEAD, without committing them."""
         ops: list[Op] = []
         notices: list[Notice] = []
         for node_id in self.liveness.expired(now):
@@ -217,6 +251,11 @@ class ControlStore:
             ops.append(Put("nodes", node_id, _dead(record, wall, "heartbeat timeout")))
             notices.append(Notice("warning", "node_dead", {"node": node_id.hex(),
                                                            "reason": "heartbeat timeout"}))
+        return ops, notices
+
+    def tick(self, now: float, wall: float) -> Outcome:
+        """Advance time: declare DEAD every node silent for longer than the timeout."""
+        ops, notices = self.plan_tick(now, wall)
         if not ops:
             return Outcome()
         try:

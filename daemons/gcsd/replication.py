@@ -84,3 +84,30 @@ class SingleReplica:
         self.store.write_batch([*ops, Put(META, _SEQ_KEY, last)])
         self._seq = last  # only after the write succeeded
         return [Committed(op, seq) for seq, op in enumerate(ops, first)]
+
+
+class LocalReads:
+    """The :class:`Replication` a chain replica's ControlStore sees: its own store.
+
+    At the head this includes entries not yet committed, which is what the
+    head must plan read-modify-write requests against (it orders them).
+    Writes never go through here: the chain shell proposes them instead.
+    """
+
+    def __init__(self, store: TableStore, position: Any) -> None:
+        self.store = store
+        self._position = position  # anything with an ``applied`` attribute
+
+    @property
+    def last_seq(self) -> int:
+        return int(self._position.applied)
+
+    def read(self, table: str, key: bytes) -> Any | None:
+        return self.store.get(table, key)
+
+    def scan(self, table: str, prefix: bytes = b"", limit: int | None = None
+             ) -> list[tuple[bytes, Any]]:
+        return self.store.scan(table, prefix, limit)
+
+    def commit(self, ops: Sequence[Op]) -> list[Committed]:
+        raise RuntimeError("a chain replica commits by proposing, not through LocalReads")

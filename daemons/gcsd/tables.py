@@ -20,9 +20,13 @@ import msgpack
 
 # Tables clients may name. ``kv`` keys are ``namespace + b"\\x00" + key``.
 PUBLIC_TABLES = ("nodes", "jobs", "functions", "actors", "objects", "tasks", "lineage", "kv")
-# Internal bookkeeping (job counter, publication sequence); never exposed.
+# Internal bookkeeping (job counter, chain position); never exposed.
 META = "meta"
-ALL_TABLES = (*PUBLIC_TABLES, META)
+# A replica's recent entries (for resending and catch-up) and request ids (for
+# dedup after a restart), keyed by 8-byte big-endian seq. Never exposed.
+LOG = "log"
+DEDUP = "dedup"
+ALL_TABLES = (*PUBLIC_TABLES, META, LOG, DEDUP)
 
 # Address space, not disk: LMDB maps the file and grows it on demand. 16 GiB
 # is far more than a control store needs, and a full map is a clean error
@@ -162,6 +166,34 @@ class LmdbTableStore:
                 return bool(txn.delete(key))
         except lmdb.Error as exc:
             raise StorageError(f"delete failed: {exc}") from None
+
+    def clear(self) -> None:
+        """Empty every table in one transaction (before installing a snapshot)."""
+        try:
+            with self._env.begin(write=True) as txn:
+                for db in self._dbs.values():
+                    txn.drop(db, delete=False)
+        except lmdb.Error as exc:
+            raise StorageError(f"clear failed: {exc}") from None
+
+    def first_key(self, table: str) -> bytes | None:
+        """The smallest key of a table, or None if it is empty."""
+        with self._env.begin(db=self._db(table)) as txn:
+            cur = txn.cursor()
+            return bytes(cur.key()) if cur.first() else None
+
+    def range(self, table: str, first: bytes, last: bytes) -> list[tuple[bytes, Any]]:
+        """``(key, value)`` pairs with ``first <= key <= last``, in key order."""
+        out: list[tuple[bytes, Any]] = []
+        with self._env.begin(db=self._db(table)) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(first):
+                return out
+            for key, raw in cur:
+                if key > last:
+                    break
+                out.append((key, _decode(raw)))
+        return out
 
     def close(self) -> None:
         """Flush to disk and release the environment (idempotent)."""

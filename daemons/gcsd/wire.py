@@ -1,0 +1,121 @@
+"""Chain and master messages to and from msgpack maps, checking every field.
+
+Messages between gcsd members travel on the same ROUTER as client
+requests, as maps with ``"t": "chain"`` and a kind ``"k"``. Everything a
+peer sends is untrusted input: :func:`decode_chain` turns a map into one of
+the dataclasses of :mod:`daemons.gcsd.chain` or raises
+:class:`~libclient.protocol.ProtocolError`, never anything else.
+
+Entries are ``[seq, epoch, ops, cid, rid, result, marks]``; an op is
+``[table, key, value]`` (put) or ``[table, key]`` (delete).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from daemons.gcsd.chain import Ack, CatchUp, ChainMessage, Entry, Forward, SyncRequest
+from daemons.gcsd.tables import META, PUBLIC_TABLES, Delete, Op, Put
+from libclient.protocol import ProtocolError
+from libclient.protocol import field as _field
+
+_TABLES = frozenset((*PUBLIC_TABLES, META))  # a peer may never write log or dedup
+
+
+def encode_op(op: Op) -> list[Any]:
+    if isinstance(op, Put):
+        return [op.table, op.key, op.value]
+    return [op.table, op.key]
+
+
+def decode_op(raw: Any) -> Op:
+    if not isinstance(raw, list) or len(raw) not in (2, 3):
+        raise ProtocolError("an op must be [table, key] or [table, key, value]")
+    table, key = raw[0], raw[1]
+    if table not in _TABLES or not isinstance(key, bytes) or not key:
+        raise ProtocolError(f"bad op table/key: {table!r}")
+    return Put(table, key, raw[2]) if len(raw) == 3 else Delete(table, key)
+
+
+def encode_entry(e: Entry) -> list[Any]:
+    return [e.seq, e.epoch, [encode_op(op) for op in e.ops], e.cid, e.rid, e.result,
+            list(e.marks)]
+
+
+def decode_entry(raw: Any) -> Entry:
+    if not isinstance(raw, list) or len(raw) != 7:
+        raise ProtocolError("an entry must be a list of 7")
+    seq, epoch, ops, cid, rid, result, marks = raw
+    if not all(_is_int(x) for x in (seq, epoch, rid)) or seq < 1 or epoch < 0:
+        raise ProtocolError("entry seq/epoch/rid must be integers")
+    if not isinstance(ops, list) or not isinstance(cid, bytes) or not isinstance(marks, list):
+        raise ProtocolError("entry ops/cid/marks have the wrong type")
+    if len(marks) != len(ops) or not all(_is_int(m) for m in marks):
+        raise ProtocolError("entry marks must be one integer per op")
+    return Entry(seq, epoch, tuple(decode_op(o) for o in ops), cid, rid, result, tuple(marks))
+
+
+def _entries(msg: dict[str, Any]) -> tuple[Entry, ...]:
+    return tuple(decode_entry(e) for e in _field(msg, "entries", list))
+
+
+def encode_chain(msg: Forward | Ack | SyncRequest | CatchUp) -> dict[str, Any]:
+    """The map for a chain message (the shell msgpacks it)."""
+    base: dict[str, Any] = {"t": "chain", "s": msg.shard, "e": msg.epoch, "src": msg.src}
+    if isinstance(msg, Forward):
+        return {**base, "k": "fwd", "entries": [encode_entry(e) for e in msg.entries],
+                "c": msg.committed}
+    if isinstance(msg, Ack):
+        return {**base, "k": "ack", "a": msg.applied, "c": msg.committed}
+    if isinstance(msg, SyncRequest):
+        return {**base, "k": "sync", "a": msg.applied, "le": msg.last_epoch}
+    return {**base, "k": "catch", "entries": [encode_entry(e) for e in msg.entries],
+            "ta": msg.tail_applied}
+
+
+def chain_header(msg: dict[str, Any]) -> tuple[str, int, int, int]:
+    """Return ``(kind, shard, epoch, src)`` of a chain map, checked."""
+    kind = _field(msg, "k", str)
+    shard = _int(msg, "s")
+    epoch = _int(msg, "e")
+    src = _int(msg, "src")
+    return kind, shard, epoch, src
+
+
+def decode_chain(msg: dict[str, Any]) -> ChainMessage:
+    """Turn a ``"t": "chain"`` map into a message. Raises ProtocolError."""
+    kind, shard, epoch, src = chain_header(msg)
+    if kind == "fwd":
+        return Forward(shard, epoch, src, _entries(msg), _int(msg, "c"))
+    if kind == "ack":
+        return Ack(shard, epoch, src, _int(msg, "a"), _int(msg, "c"))
+    if kind == "sync":
+        return SyncRequest(shard, epoch, src, _int(msg, "a"), _int(msg, "le"))
+    if kind == "catch":
+        return CatchUp(shard, epoch, src, _entries(msg), _int(msg, "ta"))
+    raise ProtocolError(f"unknown chain message kind {kind!r}")
+
+
+def decode_configs(raw: Any) -> list[tuple[int, int, tuple[int, ...]]]:
+    """Check ``[[shard, epoch, [member, ...]], ...]`` as sent by the master."""
+    if not isinstance(raw, list):
+        raise ProtocolError("configs must be a list")
+    out = []
+    for item in raw:
+        if (not isinstance(item, list) or len(item) != 3 or not _is_int(item[0])
+                or not _is_int(item[1]) or not isinstance(item[2], list)
+                or not all(_is_int(m) for m in item[2])):
+            raise ProtocolError("each config must be [shard, epoch, [members]]")
+        out.append((item[0], item[1], tuple(item[2])))
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _int(msg: dict[str, Any], name: str) -> int:
+    value = _field(msg, name, int)
+    if value < 0:
+        raise ProtocolError(f"field {name!r} must be >= 0")
+    return value
