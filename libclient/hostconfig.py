@@ -215,7 +215,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "gcs": {
         "members": Key(_members, ["tcp://127.0.0.1:6379"],
                        "gcsd request addresses; raylets start with the first"),
-        "shards": Key(_int(1, 4096), 1, "number of gcsd key shards"),
+        "shards": Key(_int(1, 4096), 4, "number of gcsd key shards"),
         "chain_length": Key(_int(1, 16), 1, "replicas per shard chain (<= members)"),
         "connect_timeout_s": Key(_number(0, True), 10.0,
                                  "how long a raylet waits for gcsd at start"),
@@ -226,6 +226,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "data_dir": Key(_path, None, "LMDB directory; default <state_dir>/gcs"),
         "node_timeout_s": Key(_number(0, True), 10.0, "declare a silent node DEAD after this"),
         "sync": Key(_bool, False, "fsync every LMDB commit"),
+        "member_id": Key(_int(0, 4096), None, "this gcsd's index in [gcs] members"),
+        "master": Key(_string, None, "the chain master's address (with several members)"),
+        "role": Key(_string, "member", '"member", or "master" for the chain master'),
+        "heartbeat_s": Key(_number(0, True), 0.1, "member -> master heartbeat interval"),
+        "dead_s": Key(_number(0, True), 0.6, "master: drop a member silent this long"),
     },
     "stored": {
         "socket": Key(_path, None, "default <runtime_dir>/stored.sock"),

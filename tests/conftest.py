@@ -28,7 +28,7 @@ def ray():
     if logs is not None:
         from test_ops_support import check_log_text
 
-        for name, text in logs.items():  # every daemon line follows docs/logging.md
+        for text in logs.values():  # every daemon line follows docs/logging.md
             check_log_text(text)
     assert not os.path.exists(info["session_dir"]), "session dir left behind"
 

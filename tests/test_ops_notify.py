@@ -161,3 +161,22 @@ def test_watchdog_interval_follows_sd_watchdog_enabled():
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "4000000",
                                        "WATCHDOG_PID": str(os.getpid())}) == 2.0
+
+
+def test_gcsd_notifies_ready_feeds_the_watchdog_and_says_stopping(tmp_path, notify):
+    proc = _spawn("daemons.gcsd", ["--port", "0", "--data-dir", str(tmp_path / "gcs")],
+                  notify, tmp_path, "gcsd")
+    try:
+        seen, _ = notify.until("READY=1", 60)
+        assert not any("WATCHDOG=1" in m for m in seen)
+        pings = 0
+        while pings < 3:
+            if "WATCHDOG=1" in notify.next(10):
+                pings += 1
+        proc.send_signal(signal.SIGTERM)
+        notify.until("STOPPING=1", 15)
+        assert proc.wait(15) == 0
+    finally:
+        stop(proc)
+    events = check_log_text((tmp_path / "gcsd.log").read_text())
+    assert "watchdog_enabled" in {e["event"] for e in events}

@@ -24,12 +24,11 @@ import json
 import os
 import sys
 import time
-import tomllib
 from typing import IO, Any
 
 import zmq
 
-from daemons import shell
+from daemons import sdnotify, shell
 from daemons.gcsd.core import ControlStore
 from daemons.gcsd.master import ChainMaster
 from daemons.gcsd.master_server import MasterServer, bind_master, load_state
@@ -37,7 +36,7 @@ from daemons.gcsd.replication import LocalReads
 from daemons.gcsd.server import Deployment, GcsServer, bind_sockets
 from daemons.gcsd.shardstore import ShardStore
 from daemons.gcsd.tables import StorageError
-from libclient import __version__, logs
+from libclient import __version__, hostconfig, logs
 
 DEFAULT_PORT = 6379  # Ray's default GCS port, so existing firewall rules carry over
 DEFAULT_NODE_TIMEOUT_S = 10.0
@@ -73,17 +72,30 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _host_config(ns: argparse.Namespace) -> dict[str, Any]:
+    """Our keys from the host config file and SHOAL_* variables, if one is in effect.
+
+    The shared schema (libclient/hostconfig.py, docs/operations.md) checks every
+    key; [gcs] holds what clients also need (members, shards, chain length).
+    """
+    path = hostconfig.config_path(ns.config, os.environ)
+    if path is None and not any(k.startswith(("SHOAL_GCSD_", "SHOAL_GCS_")) for k in os.environ):
+        return {}
+    try:
+        hc = hostconfig.resolve(path, os.environ, {}, [])
+    except hostconfig.ConfigError as exc:
+        raise shell.ConfigError(str(exc)) from None
+    own, gcs = hc.values["gcsd"], hc.values["gcs"]
+    conf = {k: v for k, v in own.items() if v is not None}
+    conf["shards"], conf["chain_length"] = gcs["shards"], gcs["chain_length"]
+    if len(gcs["members"]) > 1:
+        conf["members"] = list(gcs["members"])
+    return conf
+
+
 def _settings(ns: argparse.Namespace) -> dict[str, Any]:
     """Merge the config file and flags (flags win) and check every value."""
-    conf = shell.load_config(ns.config, "gcsd")
-    if ns.config:
-        # Top-level keys are shared by every daemon; only our own table is checked.
-        with open(ns.config, "rb") as f:
-            own = tomllib.load(f).get("gcsd", {})
-        unknown = set(own) - _KNOWN
-        if unknown:
-            raise shell.ConfigError(f"unknown [gcsd] config keys: {sorted(unknown)}")
-    conf = {k: v for k, v in conf.items() if k in _KNOWN}
+    conf = _host_config(ns)
     for key in ("host", "port", "data_dir", "node_timeout_s", "shards", "chain_length",
                 "members", "member_id", "master", "role", "heartbeat_s", "dead_s"):
         value = getattr(ns, key)
@@ -249,9 +261,13 @@ def main(argv: list[str] | None = None) -> None:
              master=deployment.master, seq=sum(s.applied for s, _c in replicas.values()),
              version=__version__)
     shell.notify_ready(ns.ready_fd, json.dumps({"address": address, "pubsub": pubsub}))
+    watchdog = sdnotify.start_watchdog(lambda: server.last_loop, log)
     try:
         server.run(stop)
     finally:
+        sdnotify.notify_stopping()
+        if watchdog is not None:
+            watchdog.stop()
         server.close()
         ctx.term()
         lock.close()

@@ -188,6 +188,7 @@ class GcsServer:
         self.ctx = ctx
         self.clock = clock
         self.wall = wall
+        self.last_loop = time.monotonic()
         self.pubsub_address = pubsub_address
         self.handled = 0
         self._rid = 0
@@ -218,6 +219,7 @@ class GcsServer:
         next_chain_tick = now + CHAIN_TICK_S
         next_beat = now
         while not stop.stopping:
+            self.last_loop = time.monotonic()  # the systemd watchdog reads this
             wait_ms = max(0.0, min(next_tick, next_chain_tick, next_beat) - self.clock()) * 1000
             events = dict(poller.poll(wait_ms))
             if stop.wake_fd_r in events:
