@@ -51,7 +51,7 @@ def test_status_table_and_json(cluster):
     res = shoal("status", *cluster["dir"])
     assert res.returncode == 0, res.stderr
     for text in ("Daemons (this host)", "serving", "Nodes (1 alive", "CPU", "Tasks",
-                 "gcsd reports no shards"):
+                 "gcsd: 4 shards over 1 member(s)", "shard 3 "):
         assert text in res.stdout, (text, res.stdout)
     status = json.loads(shoal("status", "--json", *cluster["dir"]).stdout)
     assert status["cluster_resources"]["CPU"] == 1

@@ -71,9 +71,13 @@ def _workers(nodes: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-def _shards(info: dict[str, Any]) -> dict[str, Any]:
-    keys = [k for k in info if any(w in k for w in ("shard", "chain", "epoch", "role"))]
-    return {k: info[k] for k in keys}
+def _shards(layout: dict[str, Any] | None) -> dict[str, Any] | None:
+    """gcsd's ``config`` reply: members, and each shard's epoch and chain (head first)."""
+    if not layout or "configs" not in layout:
+        return None
+    return {"members": layout.get("members", []), "shards": layout.get("shards"),
+            "chains": [{"shard": s, "epoch": e, "chain": list(chain)}
+                       for s, e, chain in layout["configs"]]}
 
 
 def collect(ns: argparse.Namespace) -> dict[str, Any]:
@@ -89,6 +93,10 @@ def collect(ns: argparse.Namespace) -> dict[str, Any]:
         try:
             nodes = [_node(r) for r in gcs.get_nodes()]
             info = gcs.info()
+            try:
+                layout = gcs.call("config")
+            except GcsError:
+                layout = None  # an older gcsd without the config method
         except GcsError as exc:
             raise common.CliError(f"cannot reach gcsd at {gcs_address}: {exc}") from None
         actors = _count_states(gcs, "actors")
@@ -111,7 +119,7 @@ def collect(ns: argparse.Namespace) -> dict[str, Any]:
                                for k, v in total.items()},
             "workers": _workers(nodes), "actors": actors, "tasks": tasks, "jobs": jobs,
             "gcs": {"version": info.get("version"), "seq": info.get("seq"),
-                    "shards": _shards(info) or None}}
+                    "shards": _shards(layout)}}
 
 
 def run(ns: argparse.Namespace) -> int:
@@ -162,7 +170,13 @@ def render(status: dict[str, Any]) -> str:
     shards = status["gcs"]["shards"]
     lines += ["", f"Actors  {_states(status['actors'], 'actors')}",
               f"Tasks   {_states(status['tasks'], 'tasks')}",
-              f"Jobs    {_states(status['jobs'], 'jobs')}",
-              "gcsd shards: " + (json.dumps(shards, default=_jsonable) if shards else
-                                 "gcsd reports no shards or chains (one unsharded gcsd)")]
+              f"Jobs    {_states(status['jobs'], 'jobs')}", ""]
+    if not shards:
+        lines.append("gcsd reports no shards or chains")
+    else:
+        lines.append(f"gcsd: {shards['shards']} shards over {len(shards['members'])} "
+                     f"member(s)")
+        for c in shards["chains"]:
+            chain = " -> ".join(f"member {m}" for m in c["chain"]) or "(no live replica)"
+            lines.append(f"  shard {c['shard']:<3} epoch {c['epoch']:<4} {chain}")
     return "\n".join(lines)
