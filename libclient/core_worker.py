@@ -81,7 +81,7 @@ class _Entry:
 
 class _Task:
     __slots__ = ("tid", "key", "demand", "msg", "deps", "unresolved", "return_ids",
-                 "retries_left", "lease", "cancelled", "name", "dispatched_at", "args_hold",
+                 "retries_left", "lease", "cancelled", "name", "args_hold",
                  "event")
 
     def __init__(self, tid: bytes, key: tuple, demand: dict, msg: dict, deps: list,
@@ -97,7 +97,6 @@ class _Task:
         self.lease: _Lease | None = None
         self.cancelled = False
         self.name = name
-        self.dispatched_at = 0.0
         self.args_hold = args_hold  # keeps arg refs alive until the task ends
         self.event: dict = {}  # the task's row in gcsd's tasks table, less its state
 
@@ -904,7 +903,6 @@ class CoreWorker:
         lease.inflight[task.tid] = task
         if lease.gpus:
             task.msg["gpus"] = lease.gpus
-        task.dispatched_at = time.monotonic()
         self._mark(task, "RUNNING")
         self._write(lease, pack(task.msg))
 
