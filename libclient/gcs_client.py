@@ -173,7 +173,10 @@ class GcsClient:
             raise ValueError("GcsClient needs at least one address")
         self.timeout = timeout
         self._lock = threading.Lock()
-        self._cid = os.urandom(8)
+        # Also the routing id of every socket, so a chain's tail can answer
+        # us directly (ZeroMQ reserves ids that start with a zero byte).
+        self._cid = b"c" + os.urandom(8)
+        self._up: set[str] = set()  # members that have answered on their socket
         self._rids = itertools.count(1)
         self._socks: dict[str, zmq.Socket] = {}
         self._layout: Layout | None = None
@@ -190,6 +193,7 @@ class GcsClient:
         if sock is None:
             sock = _context().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, self._cid)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.connect(address)
             self._socks[address] = sock
@@ -198,6 +202,7 @@ class GcsClient:
     def _drop_sock(self, address: str) -> None:
         """Forget a socket whose peer stopped answering, with whatever it had queued."""
         sock = self._socks.pop(address, None)
+        self._up.discard(address)
         if sock is not None:
             sock.close(linger=0)
 
@@ -212,8 +217,10 @@ class GcsClient:
         """Wait until every rid in ``waiting`` is answered or ``deadline`` passes."""
         got: dict[int, dict[str, Any]] = {}
         poller = zmq.Poller()
-        for sock in self._socks.values():
+        where: dict[zmq.Socket, str] = {}
+        for address, sock in self._socks.items():
             poller.register(sock, zmq.POLLIN)
+            where[sock] = address
         while len(got) < len(waiting):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -225,6 +232,7 @@ class GcsClient:
                     except zmq.Again:
                         break
                     reply = _decode(frame)
+                    self._up.add(where[sock])
                     rid = reply.get("r")
                     if rid in waiting:
                         got[rid] = reply
@@ -261,6 +269,12 @@ class GcsClient:
                         layout.epochs[s], layout.chains[s] = old.epochs[s], old.chains[s]
             self._layout = layout
             self._stale = False
+            if len(layout.members) > 1:
+                # Connect to every member now: a tail can only answer a
+                # client whose connection it already has (see _target).
+                for member in layout.members:
+                    if member not in self._up:
+                        self._send(member, {"t": "ping", "r": next(self._rids)})
             return True
         return False
 
@@ -337,6 +351,8 @@ class GcsClient:
             return address or self.addresses[self._next_member % len(self.addresses)], extra
         s = part.shard
         extra.update(s=s, e=layout.epochs[s])
+        if part.write and self._up.issuperset(layout.members):
+            extra["tr"] = True  # any member may be the tail by now, and each can reach us
         return (layout.head(s) if part.write else layout.tail(s)), extra
 
     def _run(self, method: str, parts: list[_Part], deadline: float) -> list[dict[str, Any]]:

@@ -268,6 +268,38 @@ def test_bad_input_on_every_socket_is_logged_and_survived(cluster):
         assert c.kv_get("after-junk", b"k") == b"v"
 
 
+def test_the_tail_answers_a_write_that_asks_for_it(cluster):
+    # §2 of the paper: writes enter at the head and the tail replies. A
+    # client whose sockets carry its id as routing id, connected to every
+    # member, gets the answer on its socket to the *tail*.
+    (_s0, chain), *_ = cluster.wait_full()
+    cid = b"c-tail-test"
+    ctx = zmq.Context.instance()
+    socks = {}
+    try:
+        for m, address in enumerate(cluster.members):
+            sock = socks[m] = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, cid)
+            sock.connect(address)
+            sock.send(encode_body({"t": "ping", "r": 1000 + m}))
+            assert sock.poll(5000) and msgpack.unpackb(sock.recv())["ok"] is True
+        head, tail = socks[chain[0]], socks[chain[-1]]
+        base = {"t": "put", "table": "kv", "key": b"tail-answers", "value": 1, "s": 0, "c": cid}
+        head.send(encode_body({**base, "r": 1, "tr": True}))
+        assert tail.poll(5000), "the tail never answered"
+        reply = msgpack.unpackb(tail.recv())
+        assert reply["r"] == 1 and reply["ok"] is True
+        assert not head.poll(300), "the head answered too"
+        # Without "tr" the head answers, once the commit is back.
+        head.send(encode_body({**base, "r": 2}))
+        assert head.poll(5000) and msgpack.unpackb(head.recv())["r"] == 2
+        assert not tail.poll(100)
+    finally:
+        for sock in socks.values():
+            sock.close()
+
+
 def test_kills_lose_no_acknowledged_write(cluster, capsys):
     work = Workload(",".join(cluster.members))
     work.start()

@@ -100,6 +100,57 @@ def test_update_goes_head_to_tail_and_reply_comes_from_commit():
     assert h.committed == m.committed == t.committed == 1
 
 
+def _sends(rd, kind):
+    return [x for x in rd.messages if isinstance(x, Send) and isinstance(x.msg, kind)]
+
+
+def test_tail_answers_when_asked_and_acks_then_wait_for_a_tick():
+    # §2: the tail replies to the client. An entry tagged reply_to reaches
+    # the tail's publish list (the shell answers from there) and nobody at
+    # the head waits, so no Ack travels until the next tick.
+    h, m, t = chain3()
+    h.propose(OP, b"c", 1, {"ok": 1}, reply_to=b"c")
+    rd = h.ready()
+    h.advance(rd)
+    m.step(_sends(rd, Forward)[0].msg)
+    rdm = m.ready()
+    m.advance(rdm)
+    assert not _sends(rdm, Ack)
+    t.step(_sends(rdm, Forward)[0].msg)
+    rdt = t.ready()
+    t.advance(rdt)
+    assert [e.reply_to for e in rdt.publish] == [b"c"] and not _sends(rdt, Ack)
+    t.tick()
+    acks = _sends(t.ready(), Ack)
+    assert [(a.msg.applied, a.msg.committed) for a in acks] == [(1, 1)]
+
+
+def test_an_entry_the_head_answers_makes_its_commit_ack_urgent():
+    h, m, t = chain3()
+    h.propose(OP, b"c", 1, {"ok": 1})  # no reply_to: the head answers
+    rd = h.ready()
+    h.advance(rd)
+    m.step(_sends(rd, Forward)[0].msg)
+    rdm = m.ready()
+    m.advance(rdm)
+    t.step(_sends(rdm, Forward)[0].msg)
+    rdt = t.ready()
+    t.advance(rdt)
+    m.step(_sends(rdt, Ack)[0].msg)  # sent at once, no tick needed
+    rdm = m.ready()
+    m.advance(rdm)
+    h.step(_sends(rdm, Ack)[0].msg)
+    assert [e.seq for e in h.ready().committed] == [1]
+
+
+def test_a_chain_of_one_never_tags_reply_to():
+    solo = ChainReplica(0, 0)
+    solo.step(Config(0, 1, (0,)))
+    solo.advance(solo.ready())
+    solo.propose(OP, b"c", 1, {}, reply_to=b"c")
+    assert [e.reply_to for e in solo.ready().publish] == [b""]
+
+
 def test_only_the_head_accepts_updates():
     h, m, t = chain3()
     for r in (m, t):
@@ -231,7 +282,12 @@ def test_wire_round_trip_and_rejects_junk():
     h.propose(OP, b"c", 1, {"ok": 1})
     fwd = h.ready().messages[0].msg
     assert decode_chain(encode_chain(fwd)) == fwd
-    for bad in ({"t": "chain"}, {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0,
+    h.propose(OP, b"c", 2, {"ok": 1}, reply_to=b"c")
+    tagged = h.ready().messages[-1].msg
+    assert decode_chain(encode_chain(tagged)).entries[0].reply_to == b"c"
+    for bad in ({"t": "chain"},
+                {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0,
+                 "entries": [[1, 1, [["kv", b"k", 1]], b"", 0, None, [1], 5]], "c": 0}, {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0,
                                  "entries": [[1]], "c": 0},
                 {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0,
                  "entries": [[1, 1, [["log", b"k", 1]], b"", 0, None, [1]]], "c": 0},
@@ -294,3 +350,25 @@ def test_master_state_survives_a_restart():
     assert again.configs() == ms.configs()
     with pytest.raises(ValueError):
         ChainMaster(3, 5, 3, dead_ticks=1, state=state)
+
+
+def test_master_waits_longer_for_a_member_it_never_heard_from_on_first_start():
+    ms = ChainMaster(3, 3, 3, dead_ticks=2, bootstrap_ticks=10)
+    for _ in range(5):  # members 0 and 1 are up; 2 boots slowly
+        ms.tick()
+        for m in (0, 1):
+            ms.step(Heartbeat(m, 1, {}))
+    assert [c for _s, _e, c in ms.configs()] == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
+    for _ in range(6):
+        ms.tick()
+        for m in (0, 1):
+            ms.step(Heartbeat(m, 1, {}))
+    assert all(2 not in c for _s, _e, c in ms.configs())  # it never came: removed
+    # Once heard from, a member gets only dead_ticks.
+    again = ChainMaster(3, 1, 3, dead_ticks=2, bootstrap_ticks=10)
+    again.step(Heartbeat(2, 1, {}))
+    for _ in range(3):
+        again.tick()
+        for m in (0, 1):
+            again.step(Heartbeat(m, 1, {}))
+    assert again.configs()[0][2] == [0, 1]

@@ -41,6 +41,9 @@ from libclient import __version__, hostconfig, logs
 DEFAULT_PORT = 6379  # Ray's default GCS port, so existing firewall rules carry over
 DEFAULT_NODE_TIMEOUT_S = 10.0
 DEFAULT_SHARDS = 4
+# On a first start the master waits this long for a member it has never
+# heard from before taking it out of the initial chains (see ChainMaster).
+BOOTSTRAP_S = 10.0
 _KNOWN = {"host", "port", "data_dir", "node_timeout_s", "sync", "shards", "chain_length",
           "members", "member_id", "master", "role", "heartbeat_s", "dead_s"}
 
@@ -179,7 +182,8 @@ def _run_master(conf: dict[str, Any], ns: argparse.Namespace, log: Any) -> None:
     try:
         master = ChainMaster(len(members), conf["shards"], conf["chain_length"],
                              dead_ticks=max(2, round(conf["dead_s"] / tick_s)),
-                             state=load_state(conf["data_dir"]))
+                             state=load_state(conf["data_dir"]),
+                             bootstrap_ticks=round(BOOTSTRAP_S / tick_s))
     except (ValueError, OSError) as exc:
         shell.fail(log, f"master state in {conf['data_dir']} is unusable: {exc}")
         return

@@ -18,7 +18,14 @@ and tags it with the current epoch (an :class:`Entry`). Every replica
 down the chain in sequence order (the FIFO links of §2). An entry is
 *committed* once the tail has applied it: the tail publishes it and sends
 an :class:`Ack` upstream; each replica drops acknowledged entries from its
-Sent list (§3, "Sent_i") and passes the Ack on; the head answers the client.
+Sent list (§3, "Sent_i") and passes the Ack on. The client is answered by
+the tail when the head tagged the entry with ``reply_to`` (the paper's way,
+two hops shorter), otherwise by the head once the Ack reaches it.
+
+Acks only trim Sent lists and feed the resend timer unless someone waits
+for them at the head, so they are *lazy*: at most one per tick, carrying
+the newest position. An entry without ``reply_to`` but with a request id
+makes the Ack that commits it urgent (sent in the same Ready).
 
 Update propagation invariant (§3): a replica's history is always a prefix
 -extension of its successor's. Everything below relies on it:
@@ -98,6 +105,9 @@ class Entry:
 
     ``marks`` holds, per op, its number in its table's publication stream
     on this shard (0 for internal tables), so a subscriber can see gaps.
+    ``reply_to`` names the client the *tail* answers once it has applied
+    the entry (§2 of the paper: the tail replies); empty means the head
+    answers, after the commit has travelled back up the chain.
     """
 
     seq: int
@@ -107,6 +117,7 @@ class Entry:
     rid: int = 0
     result: Any = None
     marks: tuple[int, ...] = ()
+    reply_to: bytes = b""
 
 
 # ---------------------------------------------------------------- messages in
@@ -321,7 +332,8 @@ class ChainReplica:
         self._succ_applied = -1  # unknown until the successor's first Ack
         self._succ_seen_tick = 0
         self._sync_sent_tick: int | None = None
-        self._ack_due = False
+        self._ack_due = False  # send an Ack in the next Ready
+        self._ack_lazy = False  # send one at the next tick
         self._out = _Out()
 
     # ------------------------------------------------------------ queries
@@ -378,13 +390,15 @@ class ChainReplica:
 
     # ------------------------------------------------------------ inputs
     def propose(self, ops: tuple[Op, ...] | list[Op], cid: bytes = b"", rid: int = 0,
-                result: Any = None) -> Proposed | Dropped:
+                result: Any = None, reply_to: bytes = b"") -> Proposed | Dropped:
         """Start a write at the head.
 
         Args:
             ops: the changes, applied atomically.
             cid, rid: the client's id and request id, for dedup (b"" for none).
             result: what the client is told once the write commits.
+            reply_to: the client the tail should answer (see Entry); ignored
+                on a chain of one, where head and tail are the same.
 
         Returns:
             Proposed(seq), or Dropped if this replica is not the head.
@@ -398,7 +412,10 @@ class ChainReplica:
             else:
                 marks.append(self.marks.get(op.table, 0) + 1)
                 self.marks[op.table] = marks[-1]
-        entry = Entry(self.applied + 1, self.epoch, tuple(ops), cid, rid, result, tuple(marks))
+        if self.succ is None:
+            reply_to = b""
+        entry = Entry(self.applied + 1, self.epoch, tuple(ops), cid, rid, result, tuple(marks),
+                      reply_to)
         self._apply(entry)
         if self.succ is not None:
             self._out.messages.append(Send(self.succ, Forward(self.shard, self.epoch, self.me,
@@ -444,8 +461,9 @@ class ChainReplica:
                 self._out.messages.append(Resend(succ, self.epoch, first, self.applied,
                                                  self.committed))
                 self._succ_seen_tick = self._ticks
-        if self.pred is not None and self._ticks % self.resend_ticks == 0:
-            self._ack_due = True  # a periodic Ack lets the predecessor notice losses
+        if self.pred is not None and (self._ack_lazy or self._ticks % self.resend_ticks == 0):
+            self._ack_due = True  # also periodic: it lets the predecessor notice losses
+        self._ack_lazy = False
         if self.role == IDLE and self._wants_to_join():
             if (self._sync_sent_tick is None
                     or self._ticks - self._sync_sent_tick >= self.sync_ticks):
@@ -544,7 +562,7 @@ class ChainReplica:
                 break  # a gap: something was lost or reordered; our Ack asks again
             self._apply(entry)
             fresh.append(entry)
-        self._ack_due = True
+        self._ack_lazy = True  # where we are, for the predecessor's resend timer
         if not fresh:
             return
         if self.succ is not None:
@@ -578,8 +596,6 @@ class ChainReplica:
             self._succ_applied = max(self._succ_applied, msg.applied)
         if msg.committed > self.committed:
             self._commit_to(msg.committed, publish=False)
-            if self.pred is not None:
-                self._ack_due = True
 
     def _step_sync_request(self, msg: SyncRequest) -> None:
         if not self.is_tail:
@@ -643,7 +659,9 @@ class ChainReplica:
     def _commit_to(self, seq: int, publish: bool) -> None:
         if seq <= self.committed and not self._sent:
             return
+        moved = seq > self.committed
         self.committed = max(self.committed, seq)
+        urgent = False
         while self._sent:
             first = next(iter(self._sent))
             if first > self.committed:
@@ -652,8 +670,12 @@ class ChainReplica:
             self._out.committed.append(entry)
             if publish:
                 self._out.publish.append(entry)
-        if self.pred is not None and publish:
-            self._ack_due = True
+            urgent = urgent or (entry.rid != 0 and not entry.reply_to)
+        if self.pred is not None and (moved or publish):
+            if urgent:
+                self._ack_due = True  # the head has a client waiting for this
+            else:
+                self._ack_lazy = True
 
     def _notice(self, level: str, event: str, **fields: Any) -> None:
         fields.setdefault("shard", self.shard)

@@ -98,16 +98,26 @@ class ChainMaster:
         chain_length: target R.
         dead_ticks: silence after which a member is removed from its chains.
         state: what :meth:`ready` last returned to persist, if any.
+        bootstrap_ticks: on a first start (no ``state``), how long a member
+            never heard from keeps its place in the initial chains. Hosts
+            boot at different speeds; removing a slow starter at once would
+            make it rejoin every chain as the tail and leave every head on
+            the fastest host. Defaults to ``dead_ticks``.
     """
 
     def __init__(self, members: int, shards: int, chain_length: int, dead_ticks: int,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None,
+                 bootstrap_ticks: int | None = None) -> None:
         self.members = members
         self.shards = shards
         self.chain_length = max(1, min(chain_length, members))
         self.dead_ticks = dead_ticks
         self._ticks = 0
         self._last: dict[int, int] = {m: 0 for m in range(members)}  # grace after (re)start
+        self._heard: set[int] = set()
+        self._bootstrap_ticks = dead_ticks
+        if state is None and bootstrap_ticks is not None:
+            self._bootstrap_ticks = max(dead_ticks, bootstrap_ticks)
         self._dead: set[int] = set()
         self._dirty = False
         self._notices: list[Notice] = []
@@ -133,6 +143,7 @@ class ChainMaster:
             self._notice("warning", "master_unknown_member", member=m)
             return
         self._last[m] = self._ticks
+        self._heard.add(m)
         if m in self._dead:
             self._dead.discard(m)
             self._notice("info", "master_member_back", member=m)
@@ -166,7 +177,8 @@ class ChainMaster:
         """Advance time: remove members silent for longer than ``dead_ticks``."""
         self._ticks += 1
         for m in range(self.members):
-            if m in self._dead or self._ticks - self._last[m] <= self.dead_ticks:
+            limit = self.dead_ticks if m in self._heard else self._bootstrap_ticks
+            if m in self._dead or self._ticks - self._last[m] <= limit:
                 continue
             self._dead.add(m)
             self._notice("warning", "master_member_dead", member=m)

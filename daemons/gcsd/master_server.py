@@ -15,6 +15,7 @@ even across a crash of the master.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -86,7 +87,8 @@ class MasterServer:
         poller.register(stop.wake_fd_r, zmq.POLLIN)
         next_tick = self.clock() + self.tick_s
         while not stop.stopping:
-            events = dict(poller.poll(max(0.0, next_tick - self.clock()) * 1000))
+            # Round up to whole milliseconds, or the last fraction spins on poll(0).
+            events = dict(poller.poll(math.ceil(max(0.0, next_tick - self.clock()) * 1000)))
             if stop.wake_fd_r in events:
                 try:
                     while os.read(stop.wake_fd_r, 64):

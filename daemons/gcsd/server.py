@@ -36,6 +36,7 @@ they carry a request id) and a log line.
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import time
 from collections.abc import Callable
@@ -90,7 +91,10 @@ CHAIN_TICK_S = 0.01
 
 def bind_sockets(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, zmq.Socket,
                                                                    str, str]:
-    """Bind the ROUTER on ``host:port`` and the PUB on ``port+1`` (or random ports for 0).
+    """Bind the ROUTER on ``host:port`` and the XPUB on ``port+1`` (or random ports for 0).
+
+    An XPUB rather than a PUB: it tells us which tables anyone subscribes
+    to, so changes nobody listens for (most task events) are never encoded.
 
     Returns:
         ``(router, pub, request_address, pubsub_address)``.
@@ -99,11 +103,14 @@ def bind_sockets(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, zm
         ConfigError: a port is taken or the host cannot be bound.
     """
     router = ctx.socket(zmq.ROUTER)
-    pub = ctx.socket(zmq.PUB)
+    pub = ctx.socket(zmq.XPUB)
     for sock in (router, pub):
         sock.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)  # a hostile size never gets buffered
     router.setsockopt(zmq.RCVHWM, RCV_HWM)
+    # Clients name their sockets (so a tail can answer them); a client that
+    # reconnects under its name takes the old connection's place.
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)
     pub.setsockopt(zmq.SNDHWM, PEER_HWM)
     try:
         if port == 0:
@@ -149,6 +156,7 @@ class _Pending:
     parts: int
     result: dict[str, Any]
     failed: bool = False
+    quiet: bool = False  # the tail answers success; we only answer failure
 
 
 @dataclass
@@ -190,6 +198,9 @@ class GcsServer:
         self.wall = wall
         self.last_loop = time.monotonic()
         self.pubsub_address = pubsub_address
+        self._topics: set[bytes] = set()  # prefixes subscribers asked for
+        self._wanted: dict[str, bool] = {}  # table -> does any prefix match (cache)
+        self._deferred: set[int] | None = None  # shards to pump after this batch
         self.handled = 0
         self._rid = 0
         self._peers: dict[int, zmq.Socket] = {}
@@ -212,6 +223,7 @@ class GcsServer:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(stop.wake_fd_r, zmq.POLLIN)
+        poller.register(self.pub, zmq.POLLIN)
         if self._master is not None:
             poller.register(self._master, zmq.POLLIN)
         now = self.clock()
@@ -220,10 +232,15 @@ class GcsServer:
         next_beat = now
         while not stop.stopping:
             self.last_loop = time.monotonic()  # the systemd watchdog reads this
-            wait_ms = max(0.0, min(next_tick, next_chain_tick, next_beat) - self.clock()) * 1000
+            # Round up: zmq_poll takes whole milliseconds, and a fraction
+            # rounded down spins the loop on poll(0) until the tick is due.
+            wait_ms = math.ceil(max(0.0, min(next_tick, next_chain_tick, next_beat)
+                                    - self.clock()) * 1000)
             events = dict(poller.poll(wait_ms))
             if stop.wake_fd_r in events:
                 _drain(stop.wake_fd_r)
+            if self.pub in events:
+                self._serve_subscriptions()
             if self.router in events:
                 self._serve_batch()
             if self._master is not None and self._master in events:
@@ -242,6 +259,15 @@ class GcsServer:
                 next_beat = now + self.dep.heartbeat_s
 
     def _serve_batch(self) -> None:
+        self._deferred = set()
+        try:
+            self._serve_frames()
+        finally:
+            dirty, self._deferred = self._deferred, None
+            for s in sorted(dirty):
+                self._pump_now(s)
+
+    def _serve_frames(self) -> None:
         for _ in range(BATCH):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
@@ -258,6 +284,28 @@ class GcsServer:
                 self._on_frame(peer, body[0])
             except Exception as exc:  # a bug must not take the store down
                 self.log.exception("internal_error", peer=peer.hex(), error=str(exc))
+
+    def _serve_subscriptions(self) -> None:
+        """Track subscriptions. XPUB hands us the first subscribe and last unsubscribe per topic."""
+        for _ in range(BATCH):
+            try:
+                frame = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if frame[:1] == b"\x01":
+                self._topics.add(frame[1:])
+            elif frame[:1] == b"\x00":
+                self._topics.discard(frame[1:])
+            else:
+                continue  # not a subscription message: ignore
+            self._wanted.clear()
+
+    def _subscribed(self, table: str) -> bool:
+        wanted = self._wanted.get(table)
+        if wanted is None:
+            topic = table.encode()
+            wanted = self._wanted[table] = any(topic.startswith(t) for t in self._topics)
+        return wanted
 
     # ------------------------------------------------------------ requests
     def _on_frame(self, peer: bytes, frame: bytes) -> None:
@@ -341,6 +389,7 @@ class GcsServer:
             self._refuse(peer, rid, method, refusal)
             return
         if not write:
+            self._flush(s)
             self._emit(peer, rep.core.step(msg, self.clock(), self.wall()), rep.chain.epoch)
             return
         pending = _Pending(peer, rid, 1, {})
@@ -355,12 +404,9 @@ class GcsServer:
         rid = pending.rid
         if rid is not None:
             dup = rep.chain.duplicate(cid, rid)
-            if dup is not None:  # a retry: answer what the first attempt got
+            if dup is not None:  # a retry: answer what the first attempt got, once committed
                 result = dup.result if isinstance(dup.result, dict) else {}
-                if dup.committed:
-                    self._part_done(pending, result, rep.chain.epoch)
-                else:
-                    self._wait(rep, dup.seq, pending, result)
+                self._wait(rep, dup.seq, pending, result)
                 return
         now = self.clock()
         prep = rep.core.prepare(msg, now, self.wall())
@@ -369,8 +415,15 @@ class GcsServer:
             return
         effect = prep.effect
         if effect.ops:
+            # The tail answers a client that asks for it ("tr") and whose
+            # sockets carry its id as their routing id, so the tail can reach it.
+            reply_to = b""
+            if (msg.get("tr") is True and rid is not None and cid == pending.peer
+                    and pending.parts == 1 and rep.chain.succ is not None):
+                reply_to = cid
+                pending.quiet = True
             proposed = rep.chain.propose(effect.ops, cid if rid is not None else b"",
-                                         rid or 0, effect.result)
+                                         rid or 0, effect.result, reply_to)
             seq = getattr(proposed, "seq", None)
             if seq is None:
                 self._refuse_pending(pending, msg["t"], "not the head")
@@ -382,10 +435,9 @@ class GcsServer:
             seq = rep.chain.applied
         rep.core.settle(effect, now)
         self._log_notices(pending.peer, effect.notices)
-        if seq <= rep.chain.committed:
-            self._part_done(pending, effect.result, rep.chain.epoch)
-        else:
-            self._wait(rep, seq, pending, effect.result)
+        # Answered by _release once committed *and* persisted, never from
+        # here: even a chain of one persists only when the shell pumps.
+        self._wait(rep, seq, pending, effect.result)
 
     def _on_multi(self, peer: bytes, msg: dict[str, Any], rid: int | None) -> None:
         """Scans and batches: one shard if ``"s"`` says so, else every shard hosted here."""
@@ -412,6 +464,7 @@ class GcsServer:
             if refusal is not None:
                 self._refuse(peer, rid, method, refusal)
                 return
+            self._flush(s)
             outcomes.append(rep.core.step(msg, self.clock(), self.wall()))
         if len(outcomes) == 1:
             self._emit(peer, outcomes[0], self._reps[shards[0]].chain.epoch)
@@ -457,7 +510,7 @@ class GcsServer:
             return
         pending.result.update(result)
         pending.parts -= 1
-        if pending.parts == 0 and pending.rid is not None:
+        if pending.parts == 0 and pending.rid is not None and not pending.quiet:
             self._reply(pending.peer, pending.rid, {**pending.result, "e": epoch})
 
     def _fail(self, pending: _Pending, outcome: Outcome) -> None:
@@ -500,6 +553,23 @@ class GcsServer:
         self._pump(s)
 
     def _pump(self, s: int) -> None:
+        """Carry out shard ``s``'s Ready now, or at the end of the request batch being served.
+
+        Deferring lets every request and chain message that arrived together
+        share one LMDB transaction, one Forward and one Ack per shard.
+        """
+        if self._deferred is not None:
+            self._deferred.add(s)
+        else:
+            self._pump_now(s)
+
+    def _flush(self, s: int) -> None:
+        """Pump a deferred shard now: a read must see the writes that came before it."""
+        if self._deferred is not None and s in self._deferred:
+            self._deferred.discard(s)
+            self._pump_now(s)
+
+    def _pump_now(self, s: int) -> None:
         """Carry out the replica's Ready batches in contract order."""
         rep = self._reps[s]
         while rep.chain.has_ready() and not rep.failed:
@@ -515,6 +585,7 @@ class GcsServer:
                 return
             for m in rd.messages:
                 self._carry(s, rep, m)
+            self._answer_from_tail(rep, rd.publish)
             self._publish(s, rd.publish)
             self._release(rep)
             for n in rd.notices:
@@ -522,6 +593,16 @@ class GcsServer:
             if rd.role is not None:
                 self._on_role(rep, rd)
             rep.chain.advance(rd)
+        if not rep.failed:
+            self._release(rep)  # waiters on entries that were already committed
+
+    def _answer_from_tail(self, rep: _Replica, entries: tuple[Entry, ...]) -> None:
+        """As the tail, answer the clients of newly committed entries that asked for it."""
+        for e in entries:
+            if e.reply_to and e.rid:
+                result = e.result if isinstance(e.result, dict) else {}
+                self._send_reply(e.reply_to, {**result, "r": e.rid, "ok": True,
+                                              "e": rep.chain.epoch})
 
     def _on_role(self, rep: _Replica, rd: Ready) -> None:
         old, new = rd.role or ("", "")
@@ -613,8 +694,8 @@ class GcsServer:
     def _publish(self, s: int, entries: tuple[Entry, ...]) -> None:
         for e in entries:
             for op, mark in zip(e.ops, e.marks, strict=False):
-                if op.table == META:
-                    continue
+                if op.table == META or not self._subscribed(op.table):
+                    continue  # nobody listens: the mark still counts it
                 if isinstance(op, Put):
                     body = {"table": op.table, "op": "put", "key": op.key, "value": op.value,
                             "seq": e.seq, "shard": s, "tseq": mark}

@@ -121,7 +121,7 @@ class ShardStore:
 
     def epoch_at(self, seq: int) -> int | None:
         raw = self.tables.get(LOG, seq_key(seq))
-        return raw[1] if isinstance(raw, list) and len(raw) == 7 else None
+        return raw[1] if isinstance(raw, list) and len(raw) in (7, 8) else None
 
     # ------------------------------------------------------------ snapshots
     def snapshot_chunks(self) -> Iterator[list[list[Any]]]:

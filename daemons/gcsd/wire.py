@@ -6,7 +6,8 @@ peer sends is untrusted input: :func:`decode_chain` turns a map into one of
 the dataclasses of :mod:`daemons.gcsd.chain` or raises
 :class:`~libclient.protocol.ProtocolError`, never anything else.
 
-Entries are ``[seq, epoch, ops, cid, rid, result, marks]``; an op is
+Entries are ``[seq, epoch, ops, cid, rid, result, marks]``, with an eighth
+element ``reply_to`` when the tail is to answer the client; an op is
 ``[table, key, value]`` (put) or ``[table, key]`` (delete).
 """
 
@@ -38,21 +39,28 @@ def decode_op(raw: Any) -> Op:
 
 
 def encode_entry(e: Entry) -> list[Any]:
-    return [e.seq, e.epoch, [encode_op(op) for op in e.ops], e.cid, e.rid, e.result,
-            list(e.marks)]
+    out = [e.seq, e.epoch, [encode_op(op) for op in e.ops], e.cid, e.rid, e.result,
+           list(e.marks)]
+    if e.reply_to:
+        out.append(e.reply_to)
+    return out
 
 
 def decode_entry(raw: Any) -> Entry:
-    if not isinstance(raw, list) or len(raw) != 7:
-        raise ProtocolError("an entry must be a list of 7")
-    seq, epoch, ops, cid, rid, result, marks = raw
+    if not isinstance(raw, list) or len(raw) not in (7, 8):
+        raise ProtocolError("an entry must be a list of 7 or 8")
+    seq, epoch, ops, cid, rid, result, marks = raw[:7]
+    reply_to = raw[7] if len(raw) == 8 else b""
+    if not isinstance(reply_to, bytes):
+        raise ProtocolError("entry reply_to must be bytes")
     if not all(_is_int(x) for x in (seq, epoch, rid)) or seq < 1 or epoch < 0:
         raise ProtocolError("entry seq/epoch/rid must be integers")
     if not isinstance(ops, list) or not isinstance(cid, bytes) or not isinstance(marks, list):
         raise ProtocolError("entry ops/cid/marks have the wrong type")
     if len(marks) != len(ops) or not all(_is_int(m) for m in marks):
         raise ProtocolError("entry marks must be one integer per op")
-    return Entry(seq, epoch, tuple(decode_op(o) for o in ops), cid, rid, result, tuple(marks))
+    return Entry(seq, epoch, tuple(decode_op(o) for o in ops), cid, rid, result, tuple(marks),
+                 reply_to)
 
 
 def _entries(msg: dict[str, Any]) -> tuple[Entry, ...]:
