@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+import psutil
 import pytest
 import zmq
 
@@ -337,3 +338,15 @@ def test_second_gcsd_on_the_same_data_dir_exits_2(tmp_path):
     with gcsd(tmp_path):
         res = run_to_exit(tmp_path, "--port", "0", "--data-dir", str(tmp_path / "gcs"))
     assert res.returncode == 2 and "in use by another gcsd" in res.stderr
+
+
+def test_an_idle_gcsd_sleeps(server, client):
+    # A loop that polls with a zero timeout burns a whole core while
+    # looking idle; on a 2-core host that halves what workers get.
+    client.ping()
+    proc = psutil.Process(server.proc.pid)
+    before = proc.cpu_times()
+    time.sleep(1.0)
+    after = proc.cpu_times()
+    used = (after.user - before.user) + (after.system - before.system)
+    assert used < 0.3, f"idle gcsd used {used:.2f} s of CPU in 1 s"

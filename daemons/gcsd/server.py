@@ -229,7 +229,9 @@ class GcsServer:
         now = self.clock()
         next_tick = now + self.tick_s
         next_chain_tick = now + CHAIN_TICK_S
-        next_beat = now
+        # No master (a static chain of one): no heartbeats, and no deadline
+        # for them either, or the loop below would never sleep.
+        next_beat = now if self._master is not None else float("inf")
         while not stop.stopping:
             self.last_loop = time.monotonic()  # the systemd watchdog reads this
             # Round up: zmq_poll takes whole milliseconds, and a fraction
