@@ -6,6 +6,7 @@ in init / test / check form, as raft's paper tests do.
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from daemons.gcsd.chain import (
@@ -30,7 +31,7 @@ from daemons.gcsd.chain import (
     plan_catchup,
 )
 from daemons.gcsd.master import ChainMaster, Heartbeat, ShardReport, placement
-from daemons.gcsd.tables import Put
+from daemons.gcsd.tables import EncodedPut, Put
 from daemons.gcsd.wire import decode_chain, encode_chain
 from libclient.protocol import ProtocolError
 
@@ -279,18 +280,28 @@ def test_plan_catchup(applied, last_epoch, expect):
 
 def test_wire_round_trip_and_rejects_junk():
     h, m, t = chain3()
-    h.propose(OP, b"c", 1, {"ok": 1})
+    enc = (EncodedPut("kv", b"k", msgpack.packb(1)),)
+    h.propose(enc, b"c", 1, {"ok": 1})
     fwd = h.ready().messages[0].msg
     assert decode_chain(encode_chain(fwd)) == fwd
+    # A plain Put crosses the wire as the encoded form of its value.
     h.propose(OP, b"c", 2, {"ok": 1}, reply_to=b"c")
-    tagged = h.ready().messages[-1].msg
-    assert decode_chain(encode_chain(tagged)).entries[0].reply_to == b"c"
+    tagged = decode_chain(encode_chain(h.ready().messages[-1].msg)).entries[0]
+    assert tagged.reply_to == b"c" and tagged.ops == (EncodedPut("kv", b"k", msgpack.packb(1)),)
+
+    def fwd_of(*entries):
+        return {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0, "c": 0,
+                "entries": [msgpack.packb(e) if not isinstance(e, bytes) else e
+                            for e in entries]}
+
     for bad in ({"t": "chain"},
-                {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0,
-                 "entries": [[1, 1, [["kv", b"k", 1]], b"", 0, None, [1], 5]], "c": 0}, {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0,
-                                 "entries": [[1]], "c": 0},
-                {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0,
-                 "entries": [[1, 1, [["log", b"k", 1]], b"", 0, None, [1]]], "c": 0},
+                fwd_of([1, 1, [["kv", b"k", 1]], b"", 0, None, [1], 5]),  # reply_to not bytes
+                fwd_of([1]),
+                fwd_of([1, 1, [["log", b"k", 1]], b"", 0, None, [1]]),  # a private table
+                fwd_of([1, 1, [["kv", b"k", "x", 1]], b"", 0, None, [1]]),  # data not bytes
+                fwd_of(b"\xc1 not msgpack"),
+                {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0, "c": 0,
+                 "entries": [[1, 1, [], b"", 0, None, []]]},  # not a blob
                 {"t": "chain", "k": "ack", "s": -1, "e": 1, "src": 0, "a": 0, "c": 0}):
         with pytest.raises(ProtocolError):
             decode_chain(bad)

@@ -118,6 +118,9 @@ class Entry:
     result: Any = None
     marks: tuple[int, ...] = ()
     reply_to: bytes = b""
+    # The entry's encoded form, filled in by the shell's wire layer the first
+    # time it is needed (see daemons.gcsd.wire.entry_blob). Not part of its identity.
+    wire: bytes = field(default=b"", compare=False, repr=False)
 
 
 # ---------------------------------------------------------------- messages in

@@ -62,7 +62,7 @@ from daemons.gcsd.chain import (
 )
 from daemons.gcsd.core import ControlStore, Notice, Outcome
 from daemons.gcsd.shardstore import LOG_KEEP, ShardStore
-from daemons.gcsd.tables import META, Put, StorageError
+from daemons.gcsd.tables import META, EncodedPut, Put, StorageError, decode_value, encode_value
 from daemons.gcsd.wire import chain_header, decode_chain, decode_configs, encode_chain
 from daemons.shell import ConfigError, StopFlag
 from libclient.gcs_client import (
@@ -424,7 +424,11 @@ class GcsServer:
                     and pending.parts == 1 and rep.chain.succ is not None):
                 reply_to = cid
                 pending.quiet = True
-            proposed = rep.chain.propose(effect.ops, cid if rid is not None else b"",
+            # Encode each value once, here: every replica stores and
+            # forwards these bytes as they are.
+            ops = [EncodedPut(op.table, op.key, encode_value(op.value)) if isinstance(op, Put)
+                   else op for op in effect.ops]
+            proposed = rep.chain.propose(ops, cid if rid is not None else b"",
                                          rid or 0, effect.result, reply_to)
             seq = getattr(proposed, "seq", None)
             if seq is None:
@@ -698,8 +702,9 @@ class GcsServer:
             for op, mark in zip(e.ops, e.marks, strict=False):
                 if op.table == META or not self._subscribed(op.table):
                     continue  # nobody listens: the mark still counts it
-                if isinstance(op, Put):
-                    body = {"table": op.table, "op": "put", "key": op.key, "value": op.value,
+                if isinstance(op, EncodedPut | Put):
+                    value = decode_value(op.data) if isinstance(op, EncodedPut) else op.value
+                    body = {"table": op.table, "op": "put", "key": op.key, "value": value,
                             "seq": e.seq, "shard": s, "tseq": mark}
                 else:
                     body = {"table": op.table, "op": "delete", "key": op.key, "value": None,

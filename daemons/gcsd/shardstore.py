@@ -29,11 +29,12 @@ from daemons.gcsd.tables import (
     META,
     PUBLIC_TABLES,
     Delete,
+    EncodedPut,
     LmdbTableStore,
     Op,
     Put,
 )
-from daemons.gcsd.wire import decode_entry, encode_entry
+from daemons.gcsd.wire import decode_blob, entry_blob
 
 _SEQ = struct.Struct(">Q")
 _META_SEQ, _META_EPOCH, _META_MARKS = b"seq", b"last_epoch", b"marks"
@@ -89,7 +90,7 @@ class ShardStore:
         for e in entries:
             ops.extend(e.ops)
             key = seq_key(e.seq)
-            ops.append(Put(LOG, key, encode_entry(e)))
+            ops.append(EncodedPut(LOG, key, entry_blob(e)))
             if e.cid:
                 ops.append(Put(DEDUP, key, [e.cid, e.rid, e.result]))
             for op, mark in zip(e.ops, e.marks, strict=False):
@@ -112,8 +113,8 @@ class ShardStore:
         """Logged entries ``first..last`` (fewer if some were trimmed)."""
         if first > last:
             return []
-        return [decode_entry(raw) for _k, raw in
-                self.tables.range(LOG, seq_key(first), seq_key(last))]
+        return [decode_blob(bytes(raw)) for _k, raw in
+                self.tables.range_raw(LOG, seq_key(first), seq_key(last))]
 
     def log_first(self) -> int:
         key = self.tables.first_key(LOG)

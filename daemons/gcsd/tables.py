@@ -6,6 +6,9 @@ later issue can put a different engine (or a remote shard) behind it.
 
 Writes are expressed as :class:`Put` / :class:`Delete` ops so that a batch
 can be applied atomically here, and shipped as-is down a replication chain.
+:class:`EncodedPut` carries a value already msgpack-encoded: the chain head
+encodes each value once, and every replica stores and forwards those bytes
+without decoding them.
 """
 
 from __future__ import annotations
@@ -44,6 +47,15 @@ class Put:
 
 
 @dataclass(frozen=True, slots=True)
+class EncodedPut:
+    """Set ``table[key]`` to the value whose msgpack encoding is ``data``."""
+
+    table: str
+    key: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Delete:
     """Remove ``table[key]`` (no error if absent)."""
 
@@ -51,7 +63,16 @@ class Delete:
     key: bytes
 
 
-Op = Put | Delete
+Op = Put | EncodedPut | Delete
+
+
+def encode_value(value: Any) -> bytes:
+    """The stored form of a value (what EncodedPut.data holds)."""
+    return _encode(value)
+
+
+def decode_value(data: bytes | memoryview) -> Any:
+    return _decode(data)
 
 
 class StorageError(Exception):
@@ -149,7 +170,9 @@ class LmdbTableStore:
         try:
             with self._env.begin(write=True) as txn:
                 for op, db in zip(ops, dbs, strict=True):
-                    if isinstance(op, Put):
+                    if isinstance(op, EncodedPut):
+                        txn.put(op.key, op.data, db=db)
+                    elif isinstance(op, Put):
                         txn.put(op.key, _encode(op.value), db=db)
                     else:
                         txn.delete(op.key, db=db)
@@ -181,6 +204,19 @@ class LmdbTableStore:
         with self._env.begin(db=self._db(table)) as txn:
             cur = txn.cursor()
             return bytes(cur.key()) if cur.first() else None
+
+    def range_raw(self, table: str, first: bytes, last: bytes) -> list[tuple[bytes, bytes]]:
+        """Like :meth:`range`, with the stored bytes undecoded."""
+        out: list[tuple[bytes, bytes]] = []
+        with self._env.begin(db=self._db(table)) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(first):
+                return out
+            for key, raw in cur:
+                if key > last:
+                    break
+                out.append((key, raw))
+        return out
 
     def range(self, table: str, first: bytes, last: bytes) -> list[tuple[bytes, Any]]:
         """``(key, value)`` pairs with ``first <= key <= last``, in key order."""

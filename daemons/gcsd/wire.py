@@ -8,15 +8,21 @@ the dataclasses of :mod:`daemons.gcsd.chain` or raises
 
 Entries are ``[seq, epoch, ops, cid, rid, result, marks]``, with an eighth
 element ``reply_to`` when the tail is to answer the client; an op is
-``[table, key, value]`` (put) or ``[table, key]`` (delete).
+``[table, key, data, 1]`` (put, ``data`` the msgpack-encoded value),
+``[table, key, value]`` (put, the older plain form, still read) or
+``[table, key]`` (delete). Forward and CatchUp carry each entry as its
+msgpack *blob*, which is also what the replica logs, so an entry is encoded
+once, at the head, and every later hop passes the same bytes on.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgpack
+
 from daemons.gcsd.chain import Ack, CatchUp, ChainMessage, Entry, Forward, SyncRequest
-from daemons.gcsd.tables import META, PUBLIC_TABLES, Delete, Op, Put
+from daemons.gcsd.tables import META, PUBLIC_TABLES, Delete, EncodedPut, Op, Put, encode_value
 from libclient.protocol import ProtocolError
 from libclient.protocol import field as _field
 
@@ -24,18 +30,50 @@ _TABLES = frozenset((*PUBLIC_TABLES, META))  # a peer may never write log or ded
 
 
 def encode_op(op: Op) -> list[Any]:
+    if isinstance(op, EncodedPut):
+        return [op.table, op.key, op.data, 1]
     if isinstance(op, Put):
-        return [op.table, op.key, op.value]
+        return [op.table, op.key, encode_value(op.value), 1]
     return [op.table, op.key]
 
 
 def decode_op(raw: Any) -> Op:
-    if not isinstance(raw, list) or len(raw) not in (2, 3):
-        raise ProtocolError("an op must be [table, key] or [table, key, value]")
+    if not isinstance(raw, list) or len(raw) not in (2, 3, 4):
+        raise ProtocolError("an op must be [table, key], [table, key, value] "
+                            "or [table, key, data, 1]")
     table, key = raw[0], raw[1]
     if table not in _TABLES or not isinstance(key, bytes) or not key:
         raise ProtocolError(f"bad op table/key: {table!r}")
-    return Put(table, key, raw[2]) if len(raw) == 3 else Delete(table, key)
+    if len(raw) == 4:
+        if raw[3] != 1 or not isinstance(raw[2], bytes):
+            raise ProtocolError("an encoded put must be [table, key, data, 1]")
+        return EncodedPut(table, key, raw[2])
+    return EncodedPut(table, key, encode_value(raw[2])) if len(raw) == 3 else Delete(table, key)
+
+
+def entry_blob(e: Entry) -> bytes:
+    """The entry's msgpack bytes, made once per entry and kept on it.
+
+    Entry is frozen; ``wire`` is a cache outside its equality, so filling it
+    in changes nothing anyone can observe.
+    """
+    if not e.wire:
+        blob = msgpack.packb(encode_entry(e), use_bin_type=True)
+        object.__setattr__(e, "wire", blob)
+    return e.wire
+
+
+def decode_blob(blob: Any) -> Entry:
+    """An entry from its blob (as carried by Forward/CatchUp and kept in the log)."""
+    if not isinstance(blob, bytes):
+        raise ProtocolError("an entry blob must be bytes")
+    try:
+        raw = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"entry blob is not msgpack: {exc}") from None
+    entry = decode_entry(raw)
+    object.__setattr__(entry, "wire", blob)
+    return entry
 
 
 def encode_entry(e: Entry) -> list[Any]:
@@ -59,25 +97,31 @@ def decode_entry(raw: Any) -> Entry:
         raise ProtocolError("entry ops/cid/marks have the wrong type")
     if len(marks) != len(ops) or not all(_is_int(m) for m in marks):
         raise ProtocolError("entry marks must be one integer per op")
-    return Entry(seq, epoch, tuple(decode_op(o) for o in ops), cid, rid, result, tuple(marks),
-                 reply_to)
+    out: list[Op] = []
+    for o in ops:  # the common case inline: every replica runs this for every op
+        if (type(o) is list and len(o) == 4 and o[3] == 1 and o[0] in _TABLES
+                and type(o[1]) is bytes and o[1] and type(o[2]) is bytes):
+            out.append(EncodedPut(o[0], o[1], o[2]))
+        else:
+            out.append(decode_op(o))
+    return Entry(seq, epoch, tuple(out), cid, rid, result, tuple(marks), reply_to)
 
 
 def _entries(msg: dict[str, Any]) -> tuple[Entry, ...]:
-    return tuple(decode_entry(e) for e in _field(msg, "entries", list))
+    return tuple(decode_blob(e) for e in _field(msg, "entries", list))
 
 
 def encode_chain(msg: Forward | Ack | SyncRequest | CatchUp) -> dict[str, Any]:
     """The map for a chain message (the shell msgpacks it)."""
     base: dict[str, Any] = {"t": "chain", "s": msg.shard, "e": msg.epoch, "src": msg.src}
     if isinstance(msg, Forward):
-        return {**base, "k": "fwd", "entries": [encode_entry(e) for e in msg.entries],
+        return {**base, "k": "fwd", "entries": [entry_blob(e) for e in msg.entries],
                 "c": msg.committed}
     if isinstance(msg, Ack):
         return {**base, "k": "ack", "a": msg.applied, "c": msg.committed}
     if isinstance(msg, SyncRequest):
         return {**base, "k": "sync", "a": msg.applied, "le": msg.last_epoch}
-    return {**base, "k": "catch", "entries": [encode_entry(e) for e in msg.entries],
+    return {**base, "k": "catch", "entries": [entry_blob(e) for e in msg.entries],
             "ta": msg.tail_applied}
 
 
