@@ -7,6 +7,7 @@ scheduler policy, allocator). Nothing here holds protocol state.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import socket
@@ -188,6 +189,20 @@ class StopFlag:
             os.write(self.wake_fd_w, b"x")
         except OSError:
             pass
+
+
+def tune_gc() -> None:
+    """Call once set up, just before serving: keep the cyclic GC out of the request path.
+
+    Everything built at startup (modules, classes, config) moves to the
+    permanent generation, and young collections run less often. Measured on
+    gcsd under load, full collections of the default settings paused the
+    loop for 10-25 ms several times in 10 s; the daemons make few cycles
+    (reference counting frees nearly everything), so this costs little memory.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 1000)
 
 
 def fail(log: Any, message: str, code: int = 2) -> None:

@@ -200,6 +200,7 @@ def _run_master(conf: dict[str, Any], ns: argparse.Namespace, log: Any) -> None:
     shell.notify_ready(ns.ready_fd, json.dumps({"address": address}))
     stop = shell.StopFlag()
     try:
+        shell.tune_gc()
         server.run(stop)
     finally:
         server.close()
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     shell.notify_ready(ns.ready_fd, json.dumps({"address": address, "pubsub": pubsub}))
     watchdog = sdnotify.start_watchdog(lambda: server.last_loop, log)
     try:
+        shell.tune_gc()
         server.run(stop)
     finally:
         sdnotify.notify_stopping()

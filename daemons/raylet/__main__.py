@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     # The loop stamps raylet.last_loop on every turn (at least every 0.1 s).
     watchdog = sdnotify.start_watchdog(lambda: raylet.last_loop, log)
     try:
+        shell.tune_gc()
         raylet.run(stop)
     finally:
         sdnotify.notify_stopping()

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(target=_prefault, name="prefault", daemon=True,
                          args=(arena, arena_fd, min(prefault, arena_size), log)).start()
     try:
+        shell.tune_gc()
         server.run(stop)
     finally:
         sdnotify.notify_stopping()
