@@ -23,8 +23,8 @@ the tail when the head tagged the entry with ``reply_to`` (the paper's way,
 two hops shorter), otherwise by the head once the Ack reaches it.
 
 Acks only trim Sent lists and feed the resend timer unless someone waits
-for them at the head, so they are *lazy*: at most one per tick, carrying
-the newest position. An entry without ``reply_to`` but with a request id
+for them at the head, so they are *lazy*: at most one every ``ack_ticks``,
+carrying the newest position. An entry without ``reply_to`` but with a request id
 makes the Ack that commits it urgent (sent in the same Ready).
 
 Update propagation invariant (§3): a replica's history is always a prefix
@@ -297,6 +297,8 @@ class ChainReplica:
             so a restarted replica still recognises retried writes.
         marks: last publication mark per table.
         resend_ticks: ticks without progress before resending to the successor.
+        ack_ticks: how often a lazy Ack goes out (see the module docstring);
+            well under ``resend_ticks``, or the predecessor resends needlessly.
         sync_ticks: ticks between SyncRequests while joining.
         join_lag: a joiner within this many entries of the tail is ready to join.
         chain_length: the target R; a replica outside a chain that is already
@@ -305,7 +307,7 @@ class ChainReplica:
 
     def __init__(self, shard: int, me: int, *, applied: int = 0, last_epoch: int = 0,
                  dedup: Iterable[tuple[bytes, int, int, Any]] = (),
-                 marks: dict[str, int] | None = None, resend_ticks: int = 20,
+                 marks: dict[str, int] | None = None, resend_ticks: int = 20, ack_ticks: int = 5,
                  sync_ticks: int = 20, join_lag: int = 64, chain_length: int = 0) -> None:
         self.shard = shard
         self.me = me
@@ -322,6 +324,7 @@ class ChainReplica:
         for cid, rid, seq, result in dedup:
             self._remember(cid, rid, seq, result)
         self.resend_ticks = resend_ticks
+        self.ack_ticks = max(1, min(ack_ticks, resend_ticks // 2))
         self.sync_ticks = sync_ticks
         self.join_lag = join_lag
         self.chain_length = chain_length
@@ -464,9 +467,10 @@ class ChainReplica:
                 self._out.messages.append(Resend(succ, self.epoch, first, self.applied,
                                                  self.committed))
                 self._succ_seen_tick = self._ticks
-        if self.pred is not None and (self._ack_lazy or self._ticks % self.resend_ticks == 0):
+        if self.pred is not None and ((self._ack_lazy and self._ticks % self.ack_ticks == 0)
+                                      or self._ticks % self.resend_ticks == 0):
             self._ack_due = True  # also periodic: it lets the predecessor notice losses
-        self._ack_lazy = False
+            self._ack_lazy = False
         if self.role == IDLE and self._wants_to_join():
             if (self._sync_sent_tick is None
                     or self._ticks - self._sync_sent_tick >= self.sync_ticks):

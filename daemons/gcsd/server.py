@@ -26,6 +26,11 @@ Without ``"s"`` the shell finds the shard from the key, and requests that
 span shards (scans, batches) are split over the local shards, so a plain
 single-member gcsd needs no routing at all on the client side.
 
+Frames that one turn produces for the same neighbour, or the same client,
+leave as one multipart ZeroMQ message (each part a complete message, read
+in order): a turn that serves several shards wakes each peer once, not once
+per shard. Requests likewise may arrive several to a message.
+
 Sends never block: ROUTER replies to a vanished peer are dropped, the PUB
 drops at its high-water mark (subscribers see the gap in ``tseq``), and
 chain messages to a dead neighbour are dropped and resent on a timer.
@@ -87,6 +92,8 @@ RCV_HWM = 10_000
 PEER_HWM = 100_000
 # Chain ticks: resend and catch-up timers count these.
 CHAIN_TICK_S = 0.01
+# A bundle for one destination is sent early once it holds this many bytes.
+BUNDLE_BYTES = 1 << 20
 
 
 def bind_sockets(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, zmq.Socket,
@@ -201,6 +208,11 @@ class GcsServer:
         self._topics: set[bytes] = set()  # prefixes subscribers asked for
         self._wanted: dict[str, bool] = {}  # table -> does any prefix match (cache)
         self._deferred: set[int] | None = None  # shards to pump after this batch
+        # While bundling: frames per neighbour and per client, sent by _send_bundles.
+        self._bundling = False
+        self._to_peers: dict[int, list[bytes]] = {}
+        self._to_clients: dict[bytes, list[bytes]] = {}
+        self._bundled_bytes: dict[int | bytes, int] = {}
         self.handled = 0
         self._rid = 0
         self._peers: dict[int, zmq.Socket] = {}
@@ -249,9 +261,13 @@ class GcsServer:
                 self._serve_master()
             now = self.clock()
             if now >= next_chain_tick:
-                for s, rep in self._reps.items():
-                    rep.chain.tick()
-                    self._pump(s)
+                self._bundling = True
+                try:
+                    for s, rep in self._reps.items():
+                        rep.chain.tick()
+                        self._pump(s)
+                finally:
+                    self._send_bundles()
                 next_chain_tick = now + CHAIN_TICK_S
             if now >= next_tick:
                 self._tick_liveness(now)
@@ -262,12 +278,16 @@ class GcsServer:
 
     def _serve_batch(self) -> None:
         self._deferred = set()
+        self._bundling = True
         try:
             self._serve_frames()
         finally:
             dirty, self._deferred = self._deferred, None
-            for s in sorted(dirty):
-                self._pump_now(s)
+            try:
+                for s in sorted(dirty):
+                    self._pump_now(s)
+            finally:
+                self._send_bundles()
 
     def _serve_frames(self) -> None:
         for _ in range(BATCH):
@@ -275,17 +295,13 @@ class GcsServer:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.handled += 1
-            peer, body = frames[0], frames[1:]
-            if len(body) != 1:
-                # Our clients send one frame per request; anything else is not ours.
-                self.log.warning("bad_request", peer=peer.hex(), frames=len(body),
-                                 error="expected exactly one body frame")
-                continue
-            try:
-                self._on_frame(peer, body[0])
-            except Exception as exc:  # a bug must not take the store down
-                self.log.exception("internal_error", peer=peer.hex(), error=str(exc))
+            peer = frames[0]
+            for frame in frames[1:]:  # usually one; a neighbour's bundle has several
+                self.handled += 1
+                try:
+                    self._on_frame(peer, frame)
+                except Exception as exc:  # a bug must not take the store down
+                    self.log.exception("internal_error", peer=peer.hex(), error=str(exc))
 
     def _serve_subscriptions(self) -> None:
         """Track subscriptions. XPUB hands us the first subscribe and last unsubscribe per topic."""
@@ -774,13 +790,42 @@ class GcsServer:
         return sock
 
     def _send_peer(self, member: int, msg: dict[str, Any]) -> None:
+        frame = encode_body(msg)
+        if self._bundling:
+            self._to_peers.setdefault(member, []).append(frame)
+            if self._grow(member, len(frame)):
+                self._flush_peer(member, self._to_peers.pop(member))
+            return
+        self._flush_peer(member, [frame])
+
+    def _flush_peer(self, member: int, frames: list[bytes]) -> None:
         sock = self._peers.get(member)
         if sock is None:
             sock = self._peers[member] = self._dealer(self.dep.members[member])
         try:
-            sock.send(encode_body(msg), zmq.NOBLOCK)
+            sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
             pass  # not connected (yet, or any more): the resend timer covers it
+
+    def _grow(self, dest: int | bytes, size: int) -> bool:
+        """Count a bundled frame; True when the bundle should go now."""
+        total = self._bundled_bytes.get(dest, 0) + size
+        if total >= BUNDLE_BYTES:
+            self._bundled_bytes.pop(dest, None)
+            return True
+        self._bundled_bytes[dest] = total
+        return False
+
+    def _send_bundles(self) -> None:
+        """Send what this turn bundled, one message per neighbour and per client."""
+        self._bundling = False
+        peers, self._to_peers = self._to_peers, {}
+        clients, self._to_clients = self._to_clients, {}
+        self._bundled_bytes.clear()
+        for member, frames in peers.items():
+            self._flush_peer(member, frames)
+        for peer, frames in clients.items():
+            self._flush_reply(peer, frames)
 
     def _reply(self, peer: bytes, rid: int | None, fields: dict[str, Any]) -> None:
         if rid is None:
@@ -788,8 +833,17 @@ class GcsServer:
         self._send_reply(peer, {"r": rid, "ok": True, **fields})
 
     def _send_reply(self, peer: bytes, reply: dict[str, Any]) -> None:
+        frame = encode_body(reply)
+        if self._bundling:
+            self._to_clients.setdefault(peer, []).append(frame)
+            if self._grow(peer, len(frame)):
+                self._flush_reply(peer, self._to_clients.pop(peer))
+            return
+        self._flush_reply(peer, [frame])
+
+    def _flush_reply(self, peer: bytes, frames: list[bytes]) -> None:
         try:
-            self.router.send_multipart([peer, encode_body(reply)], zmq.NOBLOCK)
+            self.router.send_multipart([peer, *frames], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.log.warning("reply_dropped", peer=peer.hex(), error=str(exc))
 
