@@ -296,3 +296,32 @@ def test_nodes_alive_before_a_restart_get_a_fresh_timeout(tmp_path):
     assert core.tick(1005.0, WALL).publications == []
     assert [p.value["state"] for p in core.tick(1011.0, WALL).publications] == [DEAD]
     s.close()
+
+
+def test_shard_log_is_trimmed_in_small_steps_and_keeps_its_window(tmp_path):
+    from daemons.gcsd.chain import Entry
+    from daemons.gcsd.shardstore import ShardStore
+    from daemons.gcsd.tables import DEDUP, EncodedPut, encode_value
+
+    def entry(seq: int) -> Entry:
+        return Entry(seq, 1, (EncodedPut("kv", b"k%d" % seq, encode_value(seq)),), b"c", seq,
+                     {}, (seq,))
+
+    st = ShardStore(str(tmp_path / "s"), log_keep=100)
+    for seq in range(1, 301):
+        st.persist([entry(seq)])
+    # Never more than one trim step (64) beyond the window, never inside it.
+    assert 300 - 100 - 64 < st.log_first() <= 201
+    assert [e.seq for e in st.entries(201, 300)] == list(range(201, 301))
+    assert st.entries(201, 201)[0].ops == entry(201).ops
+    dedup_seqs = [seq for _cid, _rid, seq, _res in st.dedup_items()]
+    assert min(dedup_seqs) == st.log_first() and max(dedup_seqs) == 300
+    st.tables.close()
+    # Reopened, it finds where its log starts and goes on trimming from there.
+    again = ShardStore(str(tmp_path / "s"), log_keep=100)
+    assert again.applied == 300
+    for seq in range(301, 501):
+        again.persist([entry(seq)])
+    assert 500 - 100 - 64 < again.log_first() <= 401
+    assert again.tables.get(DEDUP, b"\x00" * 7 + b"\x01") is None  # seq 1 is long gone
+    again.tables.close()
