@@ -155,6 +155,7 @@ class _Part:
     write: bool
     rid: int
     reply: dict[str, Any] | None = None
+    frame: bytes = b""
 
 
 class GcsClient:
@@ -207,8 +208,12 @@ class GcsClient:
             sock.close(linger=0)
 
     def _send(self, address: str, msg: dict[str, Any]) -> bool:
+        return self._send_frames(address, [encode_body(msg)])
+
+    def _send_frames(self, address: str, frames: list[bytes]) -> bool:
+        """Send frames as one message (gcsd reads each as a request); False if full."""
         try:
-            self._sock(address).send(encode_body(msg), zmq.NOBLOCK)
+            self._sock(address).send_multipart(frames, zmq.NOBLOCK)
             return True
         except zmq.Again:
             return False
@@ -361,11 +366,18 @@ class GcsClient:
         while True:
             targets: dict[int, str] = {}
             waiting: dict[int, _Part] = {}
+            by_address: dict[str, list[_Part]] = {}
             for part in pending:
                 address, extra = self._target(part)
-                if self._send(address, {**part.fields, **extra, "t": method, "r": part.rid}):
-                    targets[part.rid] = address
-                    waiting[part.rid] = part
+                part.frame = encode_body({**part.fields, **extra, "t": method, "r": part.rid})
+                by_address.setdefault(address, []).append(part)
+            for address, group in by_address.items():
+                # One message per member: parts for shards it heads travel,
+                # and are forwarded down their chains, together.
+                if self._send_frames(address, [p.frame for p in group]):
+                    for part in group:
+                        targets[part.rid] = address
+                        waiting[part.rid] = part
             got = self._collect(waiting, min(deadline, time.monotonic() + ATTEMPT_TIMEOUT_S))
             failed: GcsError | None = None
             silent: set[str] = set()
