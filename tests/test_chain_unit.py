@@ -20,6 +20,7 @@ from daemons.gcsd.chain import (
     ChainReplica,
     Config,
     Dropped,
+    Entry,
     Forward,
     Incremental,
     Proposed,
@@ -31,7 +32,7 @@ from daemons.gcsd.chain import (
     plan_catchup,
 )
 from daemons.gcsd.master import ChainMaster, Heartbeat, ShardReport, placement
-from daemons.gcsd.tables import EncodedPut, Put
+from daemons.gcsd.tables import EncodedPut, Put, PutMany
 from daemons.gcsd.wire import decode_chain, encode_chain
 from libclient.protocol import ProtocolError
 
@@ -283,6 +284,18 @@ def test_plan_catchup(applied, last_epoch, expect):
     assert got == expect
 
 
+def test_an_op_writing_many_keys_takes_one_mark_per_key():
+    h, m, t = chain3()
+    many = PutMany("kv", (b"a", b"\x01", b"b", b"\x02", b"c", b"\x03"))
+    h.propose((many,), b"c", 1, {})
+    h.propose((Put("kv", b"d", 4),), b"c", 2, {})
+    deliver((h, m, t))
+    for r in (h, m, t):
+        assert r.marks["kv"] == 4  # a, b, c took 1..3; d took 4
+    fwd = Forward(0, 1, 0, (Entry(1, 1, (many,), marks=(1,)),))
+    assert decode_chain(encode_chain(fwd)).entries[0].ops == (many,)
+
+
 def test_wire_round_trip_and_rejects_junk():
     h, m, t = chain3()
     enc = (EncodedPut("kv", b"k", msgpack.packb(1)),)
@@ -305,6 +318,9 @@ def test_wire_round_trip_and_rejects_junk():
                 fwd_of([1, 1, [["log", b"k", 1]], b"", 0, None, [1]]),  # a private table
                 fwd_of([1, 1, [["kv", b"k", "x", 1]], b"", 0, None, [1]]),  # data not bytes
                 fwd_of(b"\xc1 not msgpack"),
+                fwd_of([1, 1, [["kv", [b"k"], 2]], b"", 0, None, [1]]),  # odd many-put list
+                fwd_of([1, 1, [["kv", [b"", b"d"], 2]], b"", 0, None, [1]]),  # empty key
+                fwd_of([1, 1, [["meta", [b"k", b"d"], 2]], b"", 0, None, [1]]),  # private
                 {"t": "chain", "k": "fwd", "s": 0, "e": 1, "src": 0, "c": 0,
                  "entries": [[1, 1, [], b"", 0, None, []]]},  # not a blob
                 {"t": "chain", "k": "ack", "s": -1, "e": 1, "src": 0, "a": 0, "c": 0}):

@@ -172,6 +172,36 @@ def test_pubsub_delivers_a_put(client):
         sub.close()
 
 
+def test_pubsub_numbers_each_key_of_a_batch(client):
+    # A batch is stored as one op, but subscribers see one change per key,
+    # with consecutive per-table numbers, so they can still detect gaps.
+    sub = GcsSubscriber(client.info()["pubsub"], ["lineage"])
+    try:
+        deadline = time.monotonic() + 5
+        first = None
+        while first is None and time.monotonic() < deadline:
+            client.table_put("lineage", b"probe", 0)
+            first = sub.recv(0.1)
+        assert first is not None
+        while sub.recv(0.2) is not None:
+            pass  # the other probes
+        keys = [b"b%02d" % i for i in range(20)]
+        client.put_batch("lineage", [(k, {"i": i}) for i, k in enumerate(keys)], wait=True)
+        got = [sub.recv(2) for _ in keys]
+        assert all(m is not None for m in got)
+        by_shard: dict[int, list[dict]] = {}
+        for m in got:
+            by_shard.setdefault(m["shard"], []).append(m)
+        assert sorted(m["key"] for m in got) == keys
+        for msgs in by_shard.values():
+            tseqs = [m["tseq"] for m in msgs]
+            assert tseqs == list(range(tseqs[0], tseqs[0] + len(tseqs)))
+            assert all(m["value"] == {"i": int(m["key"][1:])} for m in msgs)
+        assert sub.gaps == 0
+    finally:
+        sub.close()
+
+
 def test_malformed_frames_never_kill_the_daemon(server, client):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

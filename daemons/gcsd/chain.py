@@ -70,7 +70,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemons.gcsd.tables import META, Op
+from daemons.gcsd.tables import META, Op, op_count
 
 # Roles, as UPPERCASE sentinels. SOLE is a chain of one (head and tail).
 HEAD = "HEAD"
@@ -412,12 +412,13 @@ class ChainReplica:
         if not self.is_head:
             return NOT_HEAD
         marks = []
-        for op in ops:
+        for op in ops:  # an op writing n keys takes marks m .. m+n-1, recorded as m
             if op.table == META:
                 marks.append(0)
             else:
-                marks.append(self.marks.get(op.table, 0) + 1)
-                self.marks[op.table] = marks[-1]
+                first = self.marks.get(op.table, 0) + 1
+                marks.append(first)
+                self.marks[op.table] = first + op_count(op) - 1
         if self.succ is None:
             reply_to = b""
         entry = Entry(self.applied + 1, self.epoch, tuple(ops), cid, rid, result, tuple(marks),
@@ -650,7 +651,8 @@ class ChainReplica:
         self._out.persist.append(entry)
         for op, mark in zip(entry.ops, entry.marks, strict=False):
             if mark:
-                self.marks[op.table] = max(self.marks.get(op.table, 0), mark)
+                last = mark + op_count(op) - 1
+                self.marks[op.table] = max(self.marks.get(op.table, 0), last)
         if entry.cid:
             self._remember(entry.cid, entry.rid, entry.seq, entry.result)
         if self.role != IDLE:

@@ -51,7 +51,18 @@ import msgpack
 
 from daemons.gcsd.liveness import Liveness
 from daemons.gcsd.replication import Committed, Replication
-from daemons.gcsd.tables import META, PUBLIC_TABLES, Delete, Op, Put, StorageError
+from daemons.gcsd.tables import (
+    META,
+    PUBLIC_TABLES,
+    Delete,
+    EncodedPut,
+    Op,
+    Put,
+    PutMany,
+    StorageError,
+    decode_value,
+    encode_value,
+)
 from libclient.protocol import ProtocolError, decode_body
 from libclient.protocol import field as _field
 
@@ -333,15 +344,17 @@ class ControlStore:
     def _step_put_batch(self, msg: dict[str, Any], now: float, wall: float) -> _Effect:
         table = _table(msg)
         items = _field(msg, "items", list)
-        ops: list[Op] = []
+        flat: list[bytes] = []
         for item in items:
             if not isinstance(item, list | tuple) or len(item) != 2:
                 raise ProtocolError("each of 'items' must be a [key, value] pair")
             key, value = item
             if not isinstance(key, bytes) or not 0 < len(key) <= MAX_KEY_BYTES:
                 raise ProtocolError(f"each key of 'items' must be 1 to {MAX_KEY_BYTES} bytes")
-            ops.append(Put(table, key, value))
-        return _Effect({}, ops)
+            flat += (key, encode_value(value))
+        # One op for the batch: replicas store and forward it without a
+        # Python-level step per key (see PutMany).
+        return _Effect({}, [PutMany(table, tuple(flat))] if flat else [])
 
     def _step_next_job_id(self, msg: dict[str, Any], now: float, wall: float) -> _Effect:
         job_id = (self.shard.read(META, _JOB_COUNTER) or 0) + 1
@@ -429,6 +442,8 @@ def _publications(committed: list[Committed]) -> list[Publication]:
             continue  # internal bookkeeping is nobody's business
         if isinstance(c.op, Put):
             pubs.append(Publication(c.op.table, "put", c.op.key, c.op.value, c.seq))
+        elif isinstance(c.op, EncodedPut):
+            pubs.append(Publication(c.op.table, "put", c.op.key, decode_value(c.op.data), c.seq))
         else:
             pubs.append(Publication(c.op.table, "delete", c.op.key, None, c.seq))
     return pubs

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from daemons.gcsd.tables import META, Op, Put, TableStore
+from daemons.gcsd.tables import META, EncodedPut, Op, Put, PutMany, TableStore
 
 _SEQ_KEY = b"seq"
 
@@ -77,6 +77,10 @@ class SingleReplica:
         return self.store.scan(table, prefix, limit)
 
     def commit(self, ops: Sequence[Op]) -> list[Committed]:
+        # One publication number per key: a PutMany is committed as its keys.
+        ops = [one for op in ops for one in (
+            [EncodedPut(op.table, k, d) for k, d in op.pairs()] if isinstance(op, PutMany)
+            else [op])]
         if not ops:
             return []
         first = self._seq + 1

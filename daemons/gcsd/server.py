@@ -67,7 +67,15 @@ from daemons.gcsd.chain import (
 )
 from daemons.gcsd.core import ControlStore, Notice, Outcome
 from daemons.gcsd.shardstore import LOG_KEEP, ShardStore
-from daemons.gcsd.tables import META, EncodedPut, Put, StorageError, decode_value, encode_value
+from daemons.gcsd.tables import (
+    META,
+    EncodedPut,
+    Put,
+    PutMany,
+    StorageError,
+    decode_value,
+    encode_value,
+)
 from daemons.gcsd.wire import chain_header, decode_chain, decode_configs, encode_chain
 from daemons.shell import ConfigError, StopFlag
 from libclient.gcs_client import (
@@ -714,10 +722,19 @@ class GcsServer:
             self.log.warning("bad_snapshot", peer=peer.hex(), error=str(exc))
 
     def _publish(self, s: int, entries: tuple[Entry, ...]) -> None:
+        if not self._topics:
+            return  # nobody subscribed to anything
         for e in entries:
             for op, mark in zip(e.ops, e.marks, strict=False):
                 if op.table == META or not self._subscribed(op.table):
                     continue  # nobody listens: the mark still counts it
+                if isinstance(op, PutMany):
+                    for i, (key, data) in enumerate(op.pairs()):
+                        self._send_pub(op.table, {
+                            "table": op.table, "op": "put", "key": key,
+                            "value": decode_value(data), "seq": e.seq, "shard": s,
+                            "tseq": mark + i})
+                    continue
                 if isinstance(op, EncodedPut | Put):
                     value = decode_value(op.data) if isinstance(op, EncodedPut) else op.value
                     body = {"table": op.table, "op": "put", "key": op.key, "value": value,
@@ -725,10 +742,13 @@ class GcsServer:
                 else:
                     body = {"table": op.table, "op": "delete", "key": op.key, "value": None,
                             "seq": e.seq, "shard": s, "tseq": mark}
-                try:
-                    self.pub.send_multipart([op.table.encode(), encode_body(body)], zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # a subscriber that falls behind sees the gap in tseq
+                self._send_pub(op.table, body)
+
+    def _send_pub(self, table: str, body: dict[str, Any]) -> None:
+        try:
+            self.pub.send_multipart([table.encode(), encode_body(body)], zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a subscriber that falls behind sees the gap in tseq
 
     # ------------------------------------------------------------ liveness
     def _tick_liveness(self, now: float) -> None:

@@ -33,6 +33,7 @@ from daemons.gcsd.tables import (
     LmdbTableStore,
     Op,
     Put,
+    op_count,
 )
 from daemons.gcsd.wire import decode_blob, entry_blob
 
@@ -98,8 +99,10 @@ class ShardStore:
             if e.cid:
                 ops.append(Put(DEDUP, key, [e.cid, e.rid, e.result]))
             for op, mark in zip(e.ops, e.marks, strict=False):
-                if mark and mark > marks.get(op.table, 0):
-                    marks[op.table] = mark
+                if mark:
+                    last = mark + op_count(op) - 1
+                    if last > marks.get(op.table, 0):
+                        marks[op.table] = last
         last = entries[-1]
         ops += [Put(META, _META_SEQ, last.seq), Put(META, _META_EPOCH, last.epoch),
                 Put(META, _META_MARKS, marks)]

@@ -9,6 +9,7 @@ the dataclasses of :mod:`daemons.gcsd.chain` or raises
 Entries are ``[seq, epoch, ops, cid, rid, result, marks]``, with an eighth
 element ``reply_to`` when the tail is to answer the client; an op is
 ``[table, key, data, 1]`` (put, ``data`` the msgpack-encoded value),
+``[table, [key0, data0, key1, data1, ...], 2]`` (many puts, see PutMany),
 ``[table, key, value]`` (put, the older plain form, still read) or
 ``[table, key]`` (delete). Forward and CatchUp carry each entry as its
 msgpack *blob*, which is also what the replica logs, so an entry is encoded
@@ -22,9 +23,20 @@ from typing import Any
 import msgpack
 
 from daemons.gcsd.chain import Ack, CatchUp, ChainMessage, Entry, Forward, SyncRequest
-from daemons.gcsd.tables import META, PUBLIC_TABLES, Delete, EncodedPut, Op, Put, encode_value
+from daemons.gcsd.tables import (
+    META,
+    PUBLIC_TABLES,
+    Delete,
+    EncodedPut,
+    Op,
+    Put,
+    PutMany,
+    encode_value,
+)
 from libclient.protocol import ProtocolError
 from libclient.protocol import field as _field
+
+_pack = msgpack.Packer(use_bin_type=True).pack  # gcsd's loop is its only user
 
 _TABLES = frozenset((*PUBLIC_TABLES, META))  # a peer may never write log or dedup
 
@@ -32,6 +44,8 @@ _TABLES = frozenset((*PUBLIC_TABLES, META))  # a peer may never write log or ded
 def encode_op(op: Op) -> list[Any]:
     if isinstance(op, EncodedPut):
         return [op.table, op.key, op.data, 1]
+    if isinstance(op, PutMany):
+        return [op.table, list(op.items), 2]
     if isinstance(op, Put):
         return [op.table, op.key, encode_value(op.value), 1]
     return [op.table, op.key]
@@ -42,6 +56,8 @@ def decode_op(raw: Any) -> Op:
         raise ProtocolError("an op must be [table, key], [table, key, value] "
                             "or [table, key, data, 1]")
     table, key = raw[0], raw[1]
+    if len(raw) == 3 and type(key) is list and raw[2] == 2:
+        return _decode_put_many(table, key)
     if table not in _TABLES or not isinstance(key, bytes) or not key:
         raise ProtocolError(f"bad op table/key: {table!r}")
     if len(raw) == 4:
@@ -51,6 +67,16 @@ def decode_op(raw: Any) -> Op:
     return EncodedPut(table, key, encode_value(raw[2])) if len(raw) == 3 else Delete(table, key)
 
 
+def _decode_put_many(table: Any, items: list[Any]) -> PutMany:
+    if table not in PUBLIC_TABLES:
+        raise ProtocolError(f"many puts into table {table!r}")
+    # Whole-list checks, so a thousand-key op costs a few C loops.
+    if (not items or len(items) % 2 or not all(type(x) is bytes for x in items)
+            or not all(items[0::2])):
+        raise ProtocolError("many puts need [key, data, ...] of non-empty keys and bytes")
+    return PutMany(table, tuple(items))
+
+
 def entry_blob(e: Entry) -> bytes:
     """The entry's msgpack bytes, made once per entry and kept on it.
 
@@ -58,7 +84,7 @@ def entry_blob(e: Entry) -> bytes:
     in changes nothing anyone can observe.
     """
     if not e.wire:
-        blob = msgpack.packb(encode_entry(e), use_bin_type=True)
+        blob = _pack(encode_entry(e))
         object.__setattr__(e, "wire", blob)
     return e.wire
 
