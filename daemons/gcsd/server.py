@@ -44,6 +44,7 @@ import heapq
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,7 @@ from libclient.gcs_client import (
     merge_replies,
     route_key,
     shard_of,
+    table_hash,
 )
 from libclient.protocol import MAX_FRAME, ProtocolError, decode_body, encode_body
 from libclient.protocol import field as _field
@@ -512,13 +514,15 @@ class GcsServer:
             parts = {shards[0]: items}
         else:
             parts = {}
+            table = msg.get("table")
+            seed = table_hash(table) if isinstance(table, str) else 0
+            n, crc32 = self.dep.shards, zlib.crc32
             for item in items:
                 key = item[0] if isinstance(item, list | tuple) and len(item) == 2 else None
-                table = msg.get("table")
                 if not isinstance(key, bytes) or not isinstance(table, str):
                     parts = {shards[0]: items}  # let the core name the problem
                     break
-                parts.setdefault(shard_of(table, key, self.dep.shards), []).append(item)
+                parts.setdefault(crc32(key, seed) % n, []).append(item)
         for s in parts:
             refusal = self._check_role(self._reps[s], msg, write=True)
             if refusal is not None:
