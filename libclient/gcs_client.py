@@ -53,6 +53,8 @@ from libclient.protocol import encode_body
 ATTEMPT_TIMEOUT_S = 0.25
 # How long to wait for one member to describe the layout.
 CONFIG_TIMEOUT_S = 0.25
+# While a member is silent, how often to look for the chain that replaces it.
+CONFIG_POLL_S = 0.03
 _ANY_METHODS = frozenset({"ping", "info", "config"})
 
 
@@ -415,10 +417,26 @@ class GcsClient:
             self.retries += 1
             for address in silent:
                 self._drop_sock(address)
-            if silent or retry:
-                refreshed = self._refresh(deadline, avoid=silent)
-                if retry and not silent and refreshed:
-                    time.sleep(0.01)  # the member may not have heard the new config yet
+            if silent:
+                self._await_reconfig(deadline, silent)
+            elif retry and self._refresh(deadline):
+                time.sleep(0.01)  # the member may not have heard the new config yet
+
+    def _await_reconfig(self, deadline: float, silent: set[str]) -> None:
+        """After silence, watch the layout until an epoch moves (or one attempt's time passes).
+
+        A dead member is replaced when the master times it out; resending
+        to it before then only waits another attempt. Looking every
+        CONFIG_POLL_S lets the retry go out as soon as the new chain exists.
+        """
+        before = list(self._layout.epochs) if self._layout else None
+        until = min(deadline, time.monotonic() + ATTEMPT_TIMEOUT_S)
+        while self._refresh(deadline, avoid=silent) and before is not None:
+            if self._layout is None or self._layout.epochs != before:
+                return
+            if time.monotonic() + CONFIG_POLL_S >= until:
+                return
+            time.sleep(CONFIG_POLL_S)
 
     def _note_epoch(self, part: _Part, reply: dict[str, Any]) -> None:
         epoch = reply.get("e")

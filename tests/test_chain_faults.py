@@ -300,6 +300,33 @@ def test_the_tail_answers_a_write_that_asks_for_it(cluster):
             sock.close()
 
 
+def test_the_master_pushes_a_new_chain_without_waiting_for_a_heartbeat(tmp_path):
+    # Two fake members beat once; member 1 then falls silent. When the
+    # master removes it, member 0 hears the new chain unasked (rid 0), not
+    # only in the answer to its next heartbeat.
+    solo = Cluster(tmp_path)
+    ctx = zmq.Context.instance()
+    socks = []
+    try:
+        solo.start("master")
+        for m in (0, 1):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(solo.master_address)
+            sock.send(encode_body({"t": "m_hb", "r": 7, "m": m, "inc": 1, "shards": {}}))
+            assert sock.poll(5000)
+            sock.recv()
+            socks.append(sock)
+        assert socks[0].poll(5000), "no push from the master"
+        push = msgpack.unpackb(socks[0].recv(), raw=False, strict_map_key=False)
+        assert push["r"] == 0 and push["ok"] is True
+        assert all(1 not in chain for _s, _e, chain in push["configs"])
+    finally:
+        for sock in socks:
+            sock.close()
+        solo.stop()
+
+
 def test_kills_lose_no_acknowledged_write(cluster, capsys):
     work = Workload(",".join(cluster.members))
     work.start()

@@ -231,7 +231,9 @@ class Sim:
         self.now = 0
         self.net: list[tuple[int, int, int, int, Any]] = []  # (at, order, src, dest, msg)
         self.order = 0
-        self.master = ChainMaster(MEMBERS, SHARDS, R, dead_ticks=12)
+        # Rebalancing on, and eager: removing live heads is a reconfiguration
+        # the invariants below must survive too.
+        self.master = ChainMaster(MEMBERS, SHARDS, R, dead_ticks=12, rebalance_ticks=40)
         self.master.advance(self.master.ready())
         self.members = [Member(m, self) for m in range(MEMBERS)]
         self.clients = [Client(i, b"client-%d" % i) for i in range(4)]

@@ -363,6 +363,42 @@ def test_master_appends_a_caught_up_joiner_as_tail_then_waits_for_it():
     assert any(n.event == "master_join_complete" for n in ms.ready().notices)
 
 
+def test_master_moves_heads_off_a_member_that_heads_too_many():
+    # Member 0 restarted and rejoined every chain as the tail: 1 and 2 now
+    # head all four shards between them (3 and 1). Rule 6 moves one head
+    # per quiet period until no member heads two more than a successor.
+    ms = ChainMaster(3, 4, 3, dead_ticks=1000, rebalance_ticks=5)
+    for m in range(3):
+        beat(ms, m, inc=1)
+    ms._s.chains = [[1, 2, 0], [1, 2, 0], [2, 1, 0], [1, 2, 0]]
+    for _ in range(5):
+        ms.tick()
+    heads = [c[0] for _s, _e, c in ms.configs()]
+    assert sorted(heads) == [1, 1, 2, 2]  # one shard of 1's went to its successor 2
+    moved = next(s for s, (_e, c) in enumerate(map(ms.chain, range(4))) if len(c) == 2)
+    assert ms.chain(moved)[1] == (2, 0)
+    ms.tick()  # nothing more while that chain is short
+    assert sum(len(c) == 2 for _s, _e, c in ms.configs()) == 1
+    epoch = ms.chain(moved)[0]
+    ms.step(Heartbeat(1, 1, {moved: ShardReport(epoch, 0, epoch)}))  # 1 caught up
+    assert ms.chain(moved)[1] == (2, 0, 1)
+    ms.step(Heartbeat(1, 1, {moved: ShardReport(epoch + 1, 0, 0, caught_up=True)}))
+    for _ in range(20):
+        ms.tick()
+    heads = [c[0] for _s, _e, c in ms.configs()]
+    assert max(heads.count(m) for m in range(3)) - min(heads.count(m) for m in range(3)) <= 1
+
+
+def test_master_does_not_rebalance_unless_asked():
+    ms = ChainMaster(3, 4, 3, dead_ticks=1000)
+    ms._s.chains = [[1, 2, 0], [1, 2, 0], [2, 1, 0], [1, 2, 0]]
+    for _ in range(50):
+        for m in range(3):
+            beat(ms, m, inc=1)
+        ms.tick()
+    assert [c for _s, _e, c in ms.configs()] == [[1, 2, 0], [1, 2, 0], [2, 1, 0], [1, 2, 0]]
+
+
 def test_master_never_removes_the_last_replica_and_fences_its_restart():
     ms = ChainMaster(1, 1, 1, dead_ticks=2)
     beat(ms, 0, inc=1)

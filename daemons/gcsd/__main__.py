@@ -44,6 +44,9 @@ DEFAULT_SHARDS = 4
 # On a first start the master waits this long for a member it has never
 # heard from before taking it out of the initial chains (see ChainMaster).
 BOOTSTRAP_S = 10.0
+# After this long without a config change, the master moves one head off a
+# member that heads too many shards (ChainMaster rule 6).
+REBALANCE_S = 5.0
 _KNOWN = {"host", "port", "data_dir", "node_timeout_s", "sync", "shards", "chain_length",
           "members", "member_id", "master", "role", "heartbeat_s", "dead_s"}
 
@@ -183,7 +186,8 @@ def _run_master(conf: dict[str, Any], ns: argparse.Namespace, log: Any) -> None:
         master = ChainMaster(len(members), conf["shards"], conf["chain_length"],
                              dead_ticks=max(2, round(conf["dead_s"] / tick_s)),
                              state=load_state(conf["data_dir"]),
-                             bootstrap_ticks=round(BOOTSTRAP_S / tick_s))
+                             bootstrap_ticks=round(BOOTSTRAP_S / tick_s),
+                             rebalance_ticks=round(REBALANCE_S / tick_s))
     except (ValueError, OSError) as exc:
         shell.fail(log, f"master state in {conf['data_dir']} is unusable: {exc}")
         return

@@ -29,6 +29,15 @@ Changes, one per shard per epoch, each raising that shard's epoch by one:
 5. The last replica of a shard is never removed: its disk holds the data.
    A replica kept for either reason that restarts gets a new epoch anyway,
    to fence its old incarnation.
+6. Rebalancing (when ``rebalance_ticks`` is set): failures move heads to
+   successors, and a replaced member comes back as a tail, so after a few
+   faults one member can head most shards and do most of the work. Once
+   every chain is full and nothing has changed for ``rebalance_ticks``, a
+   member heading at least two more shards than a live successor of one of
+   them is removed from that shard's chain; the successor becomes head,
+   and the removed member rejoins as the tail like any joiner. One shard
+   per quiet period, so redundancy drops by one replica for one shard at a
+   time, for as long as a catch-up takes.
 
 Durability: :meth:`ChainMaster.ready` returns the state to persist; the
 shell writes it (atomically, fsync) *before* answering anyone, so an epoch
@@ -98,6 +107,7 @@ class ChainMaster:
         chain_length: target R.
         dead_ticks: silence after which a member is removed from its chains.
         state: what :meth:`ready` last returned to persist, if any.
+        rebalance_ticks: quiet ticks before moving one head (rule 6); 0: never.
         bootstrap_ticks: on a first start (no ``state``), how long a member
             never heard from keeps its place in the initial chains. Hosts
             boot at different speeds; removing a slow starter at once would
@@ -107,7 +117,7 @@ class ChainMaster:
 
     def __init__(self, members: int, shards: int, chain_length: int, dead_ticks: int,
                  state: dict[str, Any] | None = None,
-                 bootstrap_ticks: int | None = None) -> None:
+                 bootstrap_ticks: int | None = None, rebalance_ticks: int = 0) -> None:
         self.members = members
         self.shards = shards
         self.chain_length = max(1, min(chain_length, members))
@@ -119,6 +129,8 @@ class ChainMaster:
         if state is None and bootstrap_ticks is not None:
             self._bootstrap_ticks = max(dead_ticks, bootstrap_ticks)
         self._dead: set[int] = set()
+        self.rebalance_ticks = rebalance_ticks
+        self._changed_at = 0  # tick of the last config change
         self._dirty = False
         self._notices: list[Notice] = []
         if state is None:
@@ -183,6 +195,23 @@ class ChainMaster:
             self._dead.add(m)
             self._notice("warning", "master_member_dead", member=m)
             self._remove(m, "heartbeat_timeout")
+        if (self.rebalance_ticks and not self._s.provisional
+                and self._ticks - self._changed_at >= self.rebalance_ticks):
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Rule 6: move one head off the member that heads the most shards."""
+        chains = self._s.chains
+        if self.chain_length < 2 or any(len(c) < self.chain_length or self._dead & set(c)
+                                        for c in chains):
+            return  # still healing: rebalancing now would only add churn
+        heads = {m: 0 for m in range(self.members) if m not in self._dead}
+        for c in chains:
+            heads[c[0]] += 1
+        for s, c in sorted(enumerate(chains), key=lambda sc: -heads[sc[1][0]]):
+            if heads[c[0]] - heads[c[1]] >= 2:
+                self._remove_from(s, c[0], "rebalance_heads")
+                return
 
     def ready(self) -> MasterReady:
         state = None
@@ -218,6 +247,7 @@ class ChainMaster:
     def _change(self, s: int, chain: list[int], why: str, member: int) -> None:
         self._s.chains[s] = list(chain)
         self._s.epochs[s] += 1
+        self._changed_at = self._ticks
         self._dirty = True
         self._notice("info", "master_reconfigured", shard=s, epoch=self._s.epochs[s],
                      chain=list(chain), reason=why, member=member)

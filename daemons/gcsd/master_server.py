@@ -79,6 +79,7 @@ class MasterServer:
         self.tick_s = tick_s
         self.clock = clock
         self.handled = 0
+        self._peers: dict[int, bytes] = {}  # member id -> its routing id, from heartbeats
         self._flush()
 
     def run(self, stop: StopFlag) -> None:
@@ -125,7 +126,10 @@ class MasterServer:
             msg = decode_body(body)
             rid = msg.get("r") if isinstance(msg.get("r"), int) else None
             if msg["t"] == "m_hb":
-                self.master.step(_heartbeat(msg))
+                hb = _heartbeat(msg)
+                self.master.step(hb)
+                if 0 <= hb.member < len(self.members):
+                    self._peers[hb.member] = peer
                 self._flush()
             elif msg["t"] not in ("config", "ping"):
                 raise ProtocolError(f"unknown method {msg['t']!r}")
@@ -139,13 +143,23 @@ class MasterServer:
                               "members": self.members, "shards": self.master.shards})
 
     def _flush(self) -> None:
-        """Persist, then log: the ordering contract of MasterReady."""
+        """Persist, then log and tell the members: the ordering contract of MasterReady.
+
+        Members would learn a new config from the answer to their next
+        heartbeat anyway; pushing it saves up to a heartbeat period of
+        stall after a failure.
+        """
         rd = self.master.ready()
         if rd.state is not None:
             save_state(self.data_dir, rd.state)
         for n in rd.notices:
             getattr(self.log, n.level)(n.event, **n.fields)
         self.master.advance(rd)
+        if rd.state is not None and any(n.event == "master_reconfigured" for n in rd.notices):
+            push = {"r": 0, "ok": True, "configs": self.master.configs(),
+                    "members": self.members, "shards": self.master.shards}
+            for peer in self._peers.values():
+                self._send(peer, push)
 
     def _send(self, peer: bytes, reply: dict[str, Any]) -> None:
         try:
