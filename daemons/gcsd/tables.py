@@ -248,16 +248,7 @@ class LmdbTableStore:
 
     def range(self, table: str, first: bytes, last: bytes) -> list[tuple[bytes, Any]]:
         """``(key, value)`` pairs with ``first <= key <= last``, in key order."""
-        out: list[tuple[bytes, Any]] = []
-        with self._env.begin(db=self._db(table)) as txn:
-            cur = txn.cursor()
-            if not cur.set_range(first):
-                return out
-            for key, raw in cur:
-                if key > last:
-                    break
-                out.append((key, _decode(raw)))
-        return out
+        return [(key, _decode(raw)) for key, raw in self.range_raw(table, first, last)]
 
     def close(self) -> None:
         """Flush to disk and release the environment (idempotent)."""
