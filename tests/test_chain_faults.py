@@ -252,10 +252,12 @@ def test_bad_input_on_every_socket_is_logged_and_survived(cluster):
         [encode_body({"t": "m_hb", "r": 5, "m": 0, "inc": 1, "shards": "nope"})],
         [encode_body({"t": "m_hb", "r": 6, "m": 77, "inc": 1, "shards": {}})],
         [encode_body({"t": "frobnicate", "r": 7})],
+        [encode_body({"t": "m_sus", "r": 8, "m": "zero", "x": 1})],
     ]
     replies = _raw(cluster.master_address, master_junk)
     assert replies[99]["ok"] is True
     assert replies[5]["ok"] is False and replies[7]["ok"] is False
+    assert replies[8]["ok"] is False
     # The PUB socket takes no input but subscriptions; a SUB sending junk
     # topics only subscribes to nothing.
     for name in ("m0", "master"):
@@ -370,3 +372,8 @@ def test_kills_lose_no_acknowledged_write(cluster, capsys):
               f"(per phase: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in stalls.items())
               + ")")
     assert work.longest < 10.0  # generous: the target (< 1 s) is reported, not asserted
+    # Killed members were replaced on their neighbours' word (a lost
+    # connection and no heartbeat after it), not only by heartbeat timeout.
+    reasons = {x.get("reason") for x in cluster.log_lines("master")
+               if x["event"] == "master_reconfigured"}
+    assert "connection_lost" in reasons, reasons

@@ -233,7 +233,9 @@ class Sim:
         self.order = 0
         # Rebalancing on, and eager: removing live heads is a reconfiguration
         # the invariants below must survive too.
-        self.master = ChainMaster(MEMBERS, SHARDS, R, dead_ticks=12, rebalance_ticks=40)
+        self.master = ChainMaster(MEMBERS, SHARDS, R, dead_ticks=12, rebalance_ticks=40,
+                                  suspect_ticks=4)
+        self.suspicions: list[tuple[int, int, int]] = []  # (at, member, reported by)
         self.master.advance(self.master.ready())
         self.members = [Member(m, self) for m in range(MEMBERS)]
         self.clients = [Client(i, b"client-%d" % i) for i in range(4)]
@@ -315,6 +317,10 @@ class Sim:
     def step(self) -> None:
         self.now += 1
         self.deliver()
+        due = [x for x in self.suspicions if x[0] <= self.now]
+        self.suspicions = [x for x in self.suspicions if x[0] > self.now]
+        for _at, member, by in due:
+            self.master.suspect(member, by=by)
         self.master.tick()
         self.master.advance(self.master.ready())
         for m in self.members:
@@ -337,7 +343,17 @@ class Sim:
         r = self.rng.random()
         up = [m for m in self.members if m.up]
         if r < 0.01 and len(up) > 1:
-            self.rng.choice(up).crash()
+            victim = self.rng.choice(up)
+            victim.crash()
+            # Its neighbours see its connections close and tell the master
+            # (the report may come late, or not at all).
+            if self.rng.random() < 0.8:
+                by = self.rng.choice([m for m in up if m is not victim])
+                self.suspicions.append((self.now + self.rng.randint(0, 8), victim.mid, by.mid))
+        elif r < 0.012 and len(up) > 1:
+            # A false suspicion: a connection blip between two live members.
+            a, b = self.rng.sample(up, 2)
+            self.suspicions.append((self.now + self.rng.randint(0, 8), a.mid, b.mid))
         elif r < 0.03:
             for m in self.members:
                 if not m.up and self.rng.random() < 0.5:

@@ -389,6 +389,39 @@ def test_master_moves_heads_off_a_member_that_heads_too_many():
     assert max(heads.count(m) for m in range(3)) - min(heads.count(m) for m in range(3)) <= 1
 
 
+def test_master_removes_a_suspected_member_that_does_not_beat_in_time():
+    # Rule 1, fast path: member 0 reports its connection to 2 dropped.
+    ms = ChainMaster(3, 1, 3, dead_ticks=100, suspect_ticks=2)
+    for m in range(3):
+        beat(ms, m)
+    ms.suspect(2, by=0)
+    ms.tick()
+    assert 2 in ms.chain(0)[1]  # not yet: it may still beat
+    ms.tick()
+    assert ms.chain(0)[1] == (0, 1)
+    assert any(n.fields.get("reason") == "connection_lost" for n in ms.ready().notices)
+
+
+def test_a_heartbeat_clears_a_suspicion():
+    ms = ChainMaster(3, 1, 3, dead_ticks=100, suspect_ticks=2)
+    for m in range(3):
+        beat(ms, m)
+    ms.suspect(2, by=0)
+    ms.tick()
+    beat(ms, 2)  # alive after all (a connection blip)
+    for _ in range(5):
+        ms.tick()
+    assert ms.chain(0)[1] == (0, 1, 2)
+    # Reports are ignored when suspicion is off, and about oneself.
+    off = ChainMaster(3, 1, 3, dead_ticks=100)
+    off.suspect(2, by=0)
+    ms.suspect(1, by=1)
+    for _ in range(5):
+        off.tick()
+        ms.tick()
+    assert off.chain(0)[1] == (0, 1, 2) and 1 in ms.chain(0)[1]
+
+
 def test_master_does_not_rebalance_unless_asked():
     ms = ChainMaster(3, 4, 3, dead_ticks=1000)
     ms._s.chains = [[1, 2, 0], [1, 2, 0], [2, 1, 0], [1, 2, 0]]

@@ -187,7 +187,8 @@ def _run_master(conf: dict[str, Any], ns: argparse.Namespace, log: Any) -> None:
                              dead_ticks=max(2, round(conf["dead_s"] / tick_s)),
                              state=load_state(conf["data_dir"]),
                              bootstrap_ticks=round(BOOTSTRAP_S / tick_s),
-                             rebalance_ticks=round(REBALANCE_S / tick_s))
+                             rebalance_ticks=round(REBALANCE_S / tick_s),
+                             suspect_ticks=max(1, round(2 * conf["heartbeat_s"] / tick_s)))
     except (ValueError, OSError) as exc:
         shell.fail(log, f"master state in {conf['data_dir']} is unusable: {exc}")
         return

@@ -16,6 +16,10 @@ Changes, one per shard per epoch, each raising that shard's epoch by one:
 
 1. A member silent for ``dead_ticks`` is removed from every chain it is in
    (head, middle or tail alike; the replicas themselves take it from there).
+   A member another member reports having lost its connection to
+   (:meth:`ChainMaster.suspect`: a killed process's sockets close at once)
+   is removed sooner, if no heartbeat of its arrives within
+   ``suspect_ticks`` of the report; one that does clears the suspicion.
 2. A member that comes back as a new *incarnation* (it restarted, losing
    its in-memory Sent lists) is removed the same way at once.
 3. A member outside a chain that reports it caught up with the tail in the
@@ -108,6 +112,9 @@ class ChainMaster:
         dead_ticks: silence after which a member is removed from its chains.
         state: what :meth:`ready` last returned to persist, if any.
         rebalance_ticks: quiet ticks before moving one head (rule 6); 0: never.
+        suspect_ticks: after a report of a lost connection, how long a member
+            has to prove itself alive with a heartbeat (rule 1); 0: reports
+            are ignored.
         bootstrap_ticks: on a first start (no ``state``), how long a member
             never heard from keeps its place in the initial chains. Hosts
             boot at different speeds; removing a slow starter at once would
@@ -117,7 +124,8 @@ class ChainMaster:
 
     def __init__(self, members: int, shards: int, chain_length: int, dead_ticks: int,
                  state: dict[str, Any] | None = None,
-                 bootstrap_ticks: int | None = None, rebalance_ticks: int = 0) -> None:
+                 bootstrap_ticks: int | None = None, rebalance_ticks: int = 0,
+                 suspect_ticks: int = 0) -> None:
         self.members = members
         self.shards = shards
         self.chain_length = max(1, min(chain_length, members))
@@ -130,6 +138,8 @@ class ChainMaster:
             self._bootstrap_ticks = max(dead_ticks, bootstrap_ticks)
         self._dead: set[int] = set()
         self.rebalance_ticks = rebalance_ticks
+        self.suspect_ticks = suspect_ticks
+        self._suspected: dict[int, int] = {}  # member -> tick of the first report
         self._changed_at = 0  # tick of the last config change
         self._dirty = False
         self._notices: list[Notice] = []
@@ -156,6 +166,7 @@ class ChainMaster:
             return
         self._last[m] = self._ticks
         self._heard.add(m)
+        self._suspected.pop(m, None)  # alive after all
         if m in self._dead:
             self._dead.discard(m)
             self._notice("info", "master_member_back", member=m)
@@ -185,16 +196,27 @@ class ChainMaster:
                 self._change(s, [*chain, m], "joined_as_tail", m)
                 self._s.provisional[s] = m
 
+    def suspect(self, member: int, by: int) -> None:
+        """``by`` lost its connection to ``member``: give ``member`` suspect_ticks to beat."""
+        if (not self.suspect_ticks or not 0 <= member < self.members or member == by
+                or member in self._dead or by in self._dead or member in self._suspected):
+            return
+        self._suspected[member] = self._ticks
+        self._notice("info", "master_member_suspected", member=member, by=by)
+
     def tick(self) -> None:
         """Advance time: remove members silent for longer than ``dead_ticks``."""
         self._ticks += 1
         for m in range(self.members):
             limit = self.dead_ticks if m in self._heard else self._bootstrap_ticks
-            if m in self._dead or self._ticks - self._last[m] <= limit:
+            since = self._suspected.get(m)
+            lost = since is not None and self._ticks - since >= self.suspect_ticks
+            if m in self._dead or (self._ticks - self._last[m] <= limit and not lost):
                 continue
+            self._suspected.pop(m, None)
             self._dead.add(m)
             self._notice("warning", "master_member_dead", member=m)
-            self._remove(m, "heartbeat_timeout")
+            self._remove(m, "connection_lost" if lost else "heartbeat_timeout")
         if (self.rebalance_ticks and not self._s.provisional
                 and self._ticks - self._changed_at >= self.rebalance_ticks):
             self._rebalance()

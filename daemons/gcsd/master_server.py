@@ -131,6 +131,9 @@ class MasterServer:
                 if 0 <= hb.member < len(self.members):
                     self._peers[hb.member] = peer
                 self._flush()
+            elif msg["t"] == "m_sus":  # a member lost its connection to another
+                self.master.suspect(_field(msg, "x", int), by=_field(msg, "m", int))
+                self._flush()
             elif msg["t"] not in ("config", "ping"):
                 raise ProtocolError(f"unknown method {msg['t']!r}")
         except ProtocolError as exc:

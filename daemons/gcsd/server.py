@@ -43,6 +43,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
+import struct
 import time
 import zlib
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from typing import Any
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from daemons.gcsd.chain import (
     IDLE,
@@ -226,6 +228,8 @@ class GcsServer:
         self.handled = 0
         self._rid = 0
         self._peers: dict[int, zmq.Socket] = {}
+        self._monitors: dict[zmq.Socket, int] = {}  # peer socket monitor -> member
+        self._poller: zmq.Poller | None = None
         self._master: zmq.Socket | None = None
         self._reps: dict[int, _Replica] = {}
         for s, (store, core) in replicas.items():
@@ -242,12 +246,15 @@ class GcsServer:
         if self.dep.master is None:
             for s in self._reps:  # a static chain of one: this member alone
                 self._step_chain(s, Config(s, 1, (self.dep.member,)))
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(stop.wake_fd_r, zmq.POLLIN)
         poller.register(self.pub, zmq.POLLIN)
         if self._master is not None:
             poller.register(self._master, zmq.POLLIN)
+            for m in range(len(self.dep.members)):
+                if m != self.dep.member:
+                    self._peer_sock(m)  # watch every member's connection from the start
         now = self.clock()
         next_tick = now + self.tick_s
         next_chain_tick = now + CHAIN_TICK_S
@@ -267,6 +274,8 @@ class GcsServer:
                 self._serve_subscriptions()
             if self.router in events:
                 self._serve_batch()
+            for mon in self._monitors.keys() & events.keys():
+                self._on_monitor(mon)
             if self._master is not None and self._master in events:
                 self._serve_master()
             now = self.clock()
@@ -813,6 +822,43 @@ class GcsServer:
         sock.connect(address)
         return sock
 
+    def _peer_sock(self, member: int) -> zmq.Socket:
+        """The DEALER to a member, made on first use, with a monitor when a master exists.
+
+        A killed member's TCP connections close at once; the monitor sees
+        that and we tell the master, which then needs no ``dead_s`` of
+        silence to replace it (only a missing heartbeat shortly after).
+        """
+        sock = self._peers.get(member)
+        if sock is None:
+            sock = self._peers[member] = self._dealer(self.dep.members[member])
+            if self._master is not None:
+                mon = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                self._monitors[mon] = member
+                if self._poller is not None:
+                    self._poller.register(mon, zmq.POLLIN)
+        return sock
+
+    def _on_monitor(self, mon: zmq.Socket) -> None:
+        member = self._monitors[mon]
+        lost = False
+        while True:
+            try:
+                event = recv_monitor_message(mon, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except (zmq.ZMQError, ValueError, struct.error) as exc:
+                self.log.warning("bad_monitor_event", member=member, error=str(exc))
+                break
+            lost = lost or event.get("event") == zmq.EVENT_DISCONNECTED
+        if lost and self._master is not None:
+            self.log.info("peer_disconnected", member=member)
+            try:
+                self._master.send(encode_body({"t": "m_sus", "m": self.dep.member,
+                                               "x": member}), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # master unreachable: its heartbeat timeout still applies
+
     def _send_peer(self, member: int, msg: dict[str, Any]) -> None:
         frame = encode_body(msg)
         if self._bundling:
@@ -823,9 +869,7 @@ class GcsServer:
         self._flush_peer(member, [frame])
 
     def _flush_peer(self, member: int, frames: list[bytes]) -> None:
-        sock = self._peers.get(member)
-        if sock is None:
-            sock = self._peers[member] = self._dealer(self.dep.members[member])
+        sock = self._peer_sock(member)
         try:
             sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
@@ -899,7 +943,11 @@ class GcsServer:
             getattr(self.log, n.level)(n.event, **fields)
 
     def close(self) -> None:
-        for sock in (self.router, self.pub, self._master, *self._peers.values()):
+        for sock in self._peers.values():
+            if self._master is not None:
+                sock.disable_monitor()
+        for sock in (self.router, self.pub, self._master, *self._peers.values(),
+                     *self._monitors):
             if sock is not None:
                 sock.close(linger=0)
         for rep in self._reps.values():
