@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from libclient import serialization
+from libclient import serialization, spin
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 _DEFAULT_ASYNC_CONCURRENCY = 1000
@@ -103,8 +103,11 @@ class ActorHost:
             self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor")
         sel = selectors.DefaultSelector()
         sel.register(listen, selectors.EVENT_READ, None)
+        # A plain sync actor runs calls in this thread, so it may spin for the
+        # next one; async and threaded actors must leave the GIL to their workers.
+        wait = spin.wait_selector if not self.is_async and self._pool is None else _block
         while True:
-            for key, _ in sel.select():
+            for key, _ in wait(sel):
                 if key.data is None:
                     sock, _ = listen.accept()
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
@@ -197,3 +200,5 @@ def _failed_call(msg: dict, exc: BaseException) -> dict:
             "rets": [["v", wire]] * msg.get("nret", 1)}
 
 
+def _block(sel: selectors.BaseSelector) -> list[Any]:
+    return sel.select()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
-import select
 import selectors
 import socket
 import threading
@@ -40,7 +39,7 @@ import time
 import traceback
 from typing import Any
 
-from libclient import object_ref, serialization
+from libclient import object_ref, serialization, spin
 from libclient.exceptions import (
     GetTimeoutError,
     ObjectLostError,
@@ -406,7 +405,7 @@ class CoreWorker:
                 self._flush_target(conn)
             saved = self._lock._release_save()  # type: ignore[attr-defined]
             try:
-                readable, _, _ = select.select([sock], [], [], timeout)
+                readable = spin.readable(sock, timeout)
             finally:
                 self._lock._acquire_restore(saved)  # type: ignore[attr-defined]
             if readable and conn.sock is sock:

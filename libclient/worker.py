@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from libclient import api, logs, serialization
+from libclient import api, logs, serialization, spin
 from libclient.core_worker import CoreWorker, error_wire_from
 from libclient.exceptions import RaySystemError, TaskCancelledError
 from libclient.object_ref import ObjectRef
@@ -76,7 +76,7 @@ class TaskRunner:
         try:
             while True:
                 if not self.backlog:
-                    data = conn.recv(1 << 20)
+                    data = spin.recv(conn, 1 << 20)
                     if not data:
                         return
                     self.decoder.feed(data)
