@@ -7,7 +7,11 @@ vCPU must first be woken by the host: measured here, that wake-up, not the
 work, set the rate of sync tasks. So the waiter first polls without
 sleeping for a short window, about one round trip, and only then blocks.
 The window is short enough that an idle worker or driver costs nothing
-measurable, and is skipped when there is nothing to wait for.
+measurable. Where spinning does not pay (answers come later than the window,
+so every spin is CPU taken from the processes doing the work, e.g. several
+clients on a busy node), it stops: each kind of wait keeps a score of how
+often its spins found data, spins only while that is at least 1 in 4, and
+otherwise tries once every 16 waits to see whether things changed.
 """
 
 from __future__ import annotations
@@ -23,13 +27,37 @@ from typing import Any
 SPIN_S = 0.0003
 
 
-def readable(sock: socket.socket, timeout: float | None, spin_s: float = SPIN_S) -> bool:
+class Adaptive:
+    """Whether spinning has been finding data for one kind of wait (races are harmless)."""
+
+    def __init__(self) -> None:
+        self.score = 1.0
+        self.waits = 0
+
+    def window(self, spin_s: float) -> float:
+        self.waits += 1
+        return spin_s if self.score >= 0.25 or self.waits % 16 == 0 else 0.0
+
+    def record(self, hit: bool) -> None:
+        self.score = 0.9 * self.score + (0.1 if hit else 0.0)
+
+
+_READABLE, _RECV, _SELECT = Adaptive(), Adaptive(), Adaptive()
+
+
+def readable(sock: socket.socket, timeout: float | None, spin_s: float = SPIN_S,
+             state: Adaptive = _READABLE) -> bool:
     """True once ``sock`` is readable; False if ``timeout`` passes first."""
-    end = time.perf_counter() + min(spin_s, timeout if timeout is not None else spin_s)
-    while True:
+    spin_s = state.window(spin_s)
+    if timeout is not None:
+        spin_s = min(spin_s, timeout)
+    end = time.perf_counter() + spin_s
+    while spin_s:
         if select.select([sock], [], [], 0)[0]:
+            state.record(True)
             return True
         if time.perf_counter() >= end:
+            state.record(False)
             break
     if timeout is not None and timeout <= spin_s:
         return False
@@ -37,14 +65,21 @@ def readable(sock: socket.socket, timeout: float | None, spin_s: float = SPIN_S)
     return bool(select.select([sock], [], [], rest)[0])
 
 
-def recv(sock: socket.socket, size: int, spin_s: float = SPIN_S) -> bytes:
+def recv(sock: socket.socket, size: int, spin_s: float = SPIN_S,
+         state: Adaptive = _RECV) -> bytes:
     """``sock.recv(size)`` on a blocking socket, spinning briefly before it blocks."""
+    spin_s = state.window(spin_s)
     end = time.perf_counter() + spin_s
-    while time.perf_counter() < end:
+    while spin_s:
         try:
-            return sock.recv(size, socket.MSG_DONTWAIT)
+            data = sock.recv(size, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            continue
+            if time.perf_counter() < end:
+                continue
+            state.record(False)
+            break
+        state.record(True)
+        return data
     return sock.recv(size)
 
 
@@ -54,9 +89,14 @@ def wait_selector(sel: selectors.BaseSelector, spin_s: float = SPIN_S) -> list[A
     Only for a thread that has the process to itself: spinning holds the
     GIL between polls, which would slow threads doing the actual work.
     """
+    spin_s = _SELECT.window(spin_s)
     end = time.perf_counter() + spin_s
-    while time.perf_counter() < end:
+    while spin_s:
         events = sel.select(0)
         if events:
+            _SELECT.record(True)
             return events
+        if time.perf_counter() >= end:
+            _SELECT.record(False)
+            break
     return sel.select()

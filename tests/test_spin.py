@@ -65,3 +65,16 @@ def test_recv_and_wait_selector_return_what_arrives():
         d.close()
     finally:
         a.close()
+
+
+def test_spinning_stops_where_it_does_not_pay_and_comes_back_where_it_does():
+    state = spin.Adaptive()
+    for _ in range(30):
+        assert state.window(0.001) in (0.001, 0.0)
+        state.record(False)
+    windows = [state.window(0.001) for _ in range(32)]
+    assert windows.count(0.001) == 2  # one probe every 16 waits
+    for _ in range(100):  # the probes now find data: spinning comes back
+        if state.window(0.001):
+            state.record(True)
+    assert state.window(0.001) == 0.001 and state.window(0.001) == 0.001
