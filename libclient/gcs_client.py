@@ -165,7 +165,6 @@ class _Part:
     write: bool
     rid: int
     reply: dict[str, Any] | None = None
-    frame: bytes = b""
 
 
 class GcsClient:
@@ -377,16 +376,16 @@ class GcsClient:
         while True:
             targets: dict[int, str] = {}
             waiting: dict[int, _Part] = {}
-            by_address: dict[str, list[_Part]] = {}
+            by_address: dict[str, list[tuple[_Part, bytes]]] = {}
             for part in pending:
                 address, extra = self._target(part)
-                part.frame = encode_body({**part.fields, **extra, "t": method, "r": part.rid})
-                by_address.setdefault(address, []).append(part)
+                frame = encode_body({**part.fields, **extra, "t": method, "r": part.rid})
+                by_address.setdefault(address, []).append((part, frame))
             for address, group in by_address.items():
                 # One message per member: parts for shards it heads travel,
                 # and are forwarded down their chains, together.
-                if self._send_frames(address, [p.frame for p in group]):
-                    for part in group:
+                if self._send_frames(address, [frame for _part, frame in group]):
+                    for part, _frame in group:
                         targets[part.rid] = address
                         waiting[part.rid] = part
             got = self._collect(waiting, min(deadline, time.monotonic() + ATTEMPT_TIMEOUT_S))

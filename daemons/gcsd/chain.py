@@ -339,7 +339,7 @@ class ChainReplica:
         self._succ_seen_tick = 0
         self._sync_sent_tick: int | None = None
         self._ack_due = False  # send an Ack in the next Ready
-        self._ack_lazy = False  # send one at the next tick
+        self._ack_lazy = False  # send one at the next ack tick
         self._out = _Out()
 
     # ------------------------------------------------------------ queries
