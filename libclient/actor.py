@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import inspect
 import os
+import time
 from typing import Any
 
 import cloudpickle
@@ -15,6 +16,7 @@ _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "max_task
                   "max_concurrency", "name", "namespace", "lifetime", "get_if_exists",
                   "memory", "scheduling_strategy", "runtime_env"}
 _NAMES_NS = "actor_names:"
+_ROW_WAIT_S = 2.0  # how long get_actor waits for a just-named actor's row
 _released_handles: collections.deque[bytes] = collections.deque()
 
 
@@ -116,7 +118,16 @@ class ActorClass:
                 "max_restarts": opts.get("max_restarts", 0),
                 "max_concurrency": opts.get("max_concurrency"), "is_async": meta["is_async"],
                 "meta": {**meta, "max_task_retries": retries}}
-        core.create_actor(actor_id, self._key(core), meta["class_name"], args, kwargs,
+        key = self._key(core)
+        if name:
+            # Once .remote() returns, the name resolves to this actor, which
+            # may still be starting: its row exists before the raylet hears of it.
+            core.gcs.table_put("actors", actor_id, {
+                "actor_id": actor_id, "state": "PENDING_CREATION", "pid": 0, "socket": "",
+                "num_restarts": 0, "max_restarts": spec["max_restarts"], "death_cause": "",
+                "class_name": meta["class_name"], "job": core.job_id, "name": name,
+                "namespace": namespace, "detached": spec["detached"], "meta": spec["meta"]})
+        core.create_actor(actor_id, key, meta["class_name"], args, kwargs,
                           demand={k: v for k, v in demand.items() if v}, spec=spec)
         handle = ActorHandle(actor_id, meta, retries)
         if not name and opts.get("lifetime") != "detached":
@@ -196,6 +207,11 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
     if actor_id is None:
         raise ValueError(f"failed to look up actor {name!r} in namespace {ns!r}")
     record = core.gcs.table_get("actors", actor_id)
+    deadline = time.monotonic() + _ROW_WAIT_S
+    while record is None and time.monotonic() < deadline:
+        # Another process reserved the name and is about to write the row.
+        time.sleep(0.01)
+        record = core.gcs.table_get("actors", actor_id)
     if record is None or record.get("state") == "DEAD":
         raise ValueError(f"actor {name!r} in namespace {ns!r} is dead")
     meta = record.get("meta") or {}

@@ -59,6 +59,7 @@ _TARGET_PIPELINE_S = 0.002
 _MAX_DEPTH = 16
 _EVENT_FLUSH_S = 0.2
 _SOCK_BUF = 4 * 1024 * 1024
+_CANCEL_RESEND_S = 0.2
 
 PENDING = 0
 READY = 1
@@ -202,6 +203,7 @@ class CoreWorker:
         self._actor_sub: Any = None  # gcsd subscription to the actors table
         self.job_id = job_id
         self._blocked_depth = 0
+        self._cancelling: dict[bytes, tuple[_Task, float]] = {}  # tid -> (task, next SIGINT)
 
         conn = Connection.connect_unix(raylet_socket)
         hello = {"t": "hello", "kind": kind, "pid": self.pid, "worker_id": self.worker_id}
@@ -680,8 +682,31 @@ class CoreWorker:
                                "cause": "all handles to the actor went out of scope"})
 
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
+        """Kill an actor: the raylet ends its process, and from now on no call
+        made here reaches the old incarnation.
+
+        Calls go straight to the actor's socket while the kill goes through
+        the raylet, so without the local step a call made after ``kill``
+        could overtake it and run.
+        """
         with self._lock:
             self._raylet_send({"t": "kill_actor", "actor_id": actor_id, "no_restart": no_restart})
+            a = self._actors.get(actor_id)
+            if a is None or a.state == "DEAD":
+                return
+            create = a.create_task
+            if create is not None and create.unresolved:
+                # Its creation never reached the raylet: it never will.
+                create.cancelled = True
+                a.create_task = None
+                self._task_done(create, "FAILED")
+                no_restart = True
+            if no_restart:
+                a.state = "DEAD"
+                a.dead_wire = _actor_died_wire(a, "the actor was killed by kill()")
+                self._pump_actor(a)
+            elif a.sock is not None:
+                self._actor_conn_lost(a, "killed by kill() to restart")
 
     def _actor(self, actor_id: bytes) -> _Actor:
         a = self._actors.get(actor_id)
@@ -819,7 +844,9 @@ class CoreWorker:
 
     def _on_actor_created(self, a: _Actor, msg: dict) -> None:
         task, a.create_task = a.create_task, None
-        if msg.get("ok"):
+        if a.state == "DEAD":
+            pass  # killed here while its creation was in flight
+        elif msg.get("ok"):
             a.state, a.pid, a.socket_path = "ALIVE", msg["pid"], msg["socket"]
         else:
             a.state = "DEAD"
@@ -998,10 +1025,27 @@ class CoreWorker:
                     pass
             else:
                 self._write(lease, pack({"t": "cancel", "tid": tid}))
-                try:
-                    os.kill(lease.pid, 2)  # SIGINT: interrupts the task if it runs
-                except ProcessLookupError:
-                    pass
+                self._interrupt(lease)
+                # The signal can outrun the message (still in our buffer) or
+                # reach the worker before it starts the task: repeat it until
+                # the task's reply comes back.
+                self._cancelling[tid] = (task, time.monotonic() + _CANCEL_RESEND_S)
+
+    @staticmethod
+    def _interrupt(lease: _Lease) -> None:
+        try:
+            os.kill(lease.pid, 2)  # SIGINT: the worker checks which task it runs
+        except ProcessLookupError:
+            pass
+
+    def _resend_cancels(self, now: float) -> None:
+        for tid, (task, due) in list(self._cancelling.items()):
+            lease = task.lease
+            if not isinstance(lease, _Lease) or lease.dead or tid not in lease.inflight:
+                del self._cancelling[tid]
+            elif now >= due:
+                self._interrupt(lease)
+                self._cancelling[tid] = (task, now + _CANCEL_RESEND_S)
 
     # --------------------------------------------------------------- replies
     def _on_task_reply(self, lease: _Lease, msg: dict) -> None:
@@ -1235,6 +1279,8 @@ class CoreWorker:
         self._return_idle_leases(now)
         if self._actors:
             self._poll_actors(now)
+        if self._cancelling:
+            self._resend_cancels(now)
         if now - last_flush >= _EVENT_FLUSH_S and (self._events or self._object_events):
             self._flush_events()
         self.store.flush_releases()

@@ -25,6 +25,11 @@ from libclient.object_ref import ObjectRef
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 
+# How much of a holder's unread stream the SIGINT handler looks through for
+# cancel messages (the socket's receive buffer is 4 MiB at most).
+_PEEK_MAX = 8 * 1024 * 1024
+
+
 class _Cancelled(BaseException):
     """Raised inside a running task by SIGINT when its holder cancelled it."""
 
@@ -44,11 +49,30 @@ class TaskRunner:
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, _signum: int, _frame: Any) -> None:
-        # The holder writes a cancel message before it signals, so reading the
-        # socket here tells whether the task running now is the one cancelled.
-        self._read_nowait()
+        # The holder writes a cancel message before it signals, so the socket
+        # tells whether the task running now is the one cancelled. The handler
+        # only peeks: consuming bytes here would leave the main loop blocked
+        # in recv on data it already has (a lost cancel, a hung get).
+        self.cancelled.update(self._peek_cancels())
         if self.running is not None and self.running in self.cancelled:
             raise _Cancelled()
+
+    def _peek_cancels(self) -> list[bytes]:
+        """Task ids of cancel messages buffered or waiting on the socket, unread."""
+        if self.conn is None:
+            return []
+        try:
+            data = self.conn.recv(_PEEK_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError, OSError):
+            data = b""
+        scratch = FrameDecoder()
+        scratch.feed(bytes(self.decoder._buf))
+        scratch.feed(data)
+        try:
+            msgs = scratch.drain()
+        except ProtocolError:
+            return []  # the main loop will meet the same bytes and close
+        return [m.get("tid") for m in msgs if m.get("t") == "cancel"]
 
     def _read_nowait(self) -> None:
         if self.conn is None:
@@ -131,26 +155,31 @@ class TaskRunner:
         nret = msg.get("nret", 1)
         start = time.perf_counter()
         core = self.core
-        if tid in self.cancelled:
-            return self._error(tid, name, nret, TaskCancelledError(f"task {name} was cancelled"), start)
+        args = kwargs = None
+        # `running` is set before `cancelled` is checked, and the SIGINT
+        # handler adds to `cancelled` before it reads `running`: a cancel that
+        # lands at any point, argument unpacking included, is seen by one side.
         try:
-            args, kwargs = self._args(msg)
-        except Exception as exc:
-            return self._error(tid, name, nret, exc, start)
-        if track:
-            core.current_task_id = tid
-            self.running = tid
-        try:
-            result = fn(*args, **kwargs)
+            try:
+                if track:
+                    core.current_task_id = tid
+                    self.running = tid
+                if tid in self.cancelled:
+                    raise _Cancelled()
+                try:
+                    args, kwargs = self._args(msg)
+                except Exception as exc:
+                    return self._error(tid, name, nret, exc, start)
+                result = fn(*args, **kwargs)
+            finally:
+                if track:
+                    self.running = None
+                    core.current_task_id = None
+                del args, kwargs
         except _Cancelled:
             return self._error(tid, name, nret, TaskCancelledError(f"task {name} was cancelled"), start)
         except Exception as exc:
             return self._raised(msg, exc, start)
-        finally:
-            if track:
-                self.running = None
-                core.current_task_id = None
-            del args, kwargs
         return self.finish(msg, result, start)
 
     async def execute_async(self, msg: dict, fn: Any) -> dict:

@@ -144,6 +144,7 @@ def test_method_exception_keeps_actor_alive(ray, Counter):
     ray.kill(c)
 
 
+@pytest.mark.repeat(10)  # issue 13: races show up on repetition
 def test_kill_and_dead_handle(ray, Counter):
     c = Counter.remote()
     pid = ray.get(c.pid.remote())
@@ -253,6 +254,7 @@ def test_threaded_actor_runs_calls_concurrently(ray):
     ray.kill(p)
 
 
+@pytest.mark.repeat(5)  # issue 13: races show up on repetition
 def test_named_actor_from_a_second_driver(ray, Counter):
     c = Counter.options(name="shared-counter").remote(100)
     assert ray.get(c.inc.remote()) == 101
@@ -275,8 +277,21 @@ def test_named_actor_from_a_second_driver(ray, Counter):
     same = Counter.options(name="shared-counter", get_if_exists=True).remote()
     assert ray.get(same.inc.remote()) == 103
     ray.kill(c)
+    _wait_name_freed(ray, "shared-counter")  # the next repetition takes it again
 
 
+def _wait_name_freed(ray, name, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # the raylet frees the name once it sees the exit
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the name {name!r} was never freed")
+
+
+@pytest.mark.repeat(3)  # issue 13: races show up on repetition
 def test_detached_actor_outlives_its_driver_and_normal_one_does_not(ray):
     res = _driver(ray, """
         import os, sys
@@ -305,15 +320,7 @@ def test_detached_actor_outlives_its_driver_and_normal_one_does_not(ray):
     assert ray.get(keeper.get.remote(), timeout=30) == "kept"
     ray.kill(keeper)
     assert _pid_gone(detached_pid)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # the raylet frees the name once it sees the exit
-        try:
-            ray.get_actor("keeper")
-        except ValueError:
-            break
-        time.sleep(0.05)
-    with pytest.raises(ValueError):
-        ray.get_actor("keeper")
+    _wait_name_freed(ray, "keeper")
 
 
 def test_actor_table_records_lifecycle(ray, Counter):

@@ -246,6 +246,7 @@ def test_retry_exceptions(ray, tmp_path):
         ray.get(other.remote())
 
 
+@pytest.mark.repeat(10)  # issue 13: races show up on repetition
 def test_cancel(ray):
     @ray.remote
     def forever():
