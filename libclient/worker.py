@@ -24,7 +24,6 @@ from libclient.exceptions import RaySystemError, TaskCancelledError
 from libclient.object_ref import ObjectRef
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
-
 # How much of a holder's unread stream the SIGINT handler looks through for
 # cancel messages (the socket's receive buffer is 4 MiB at most).
 _PEEK_MAX = 8 * 1024 * 1024
