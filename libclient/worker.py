@@ -281,6 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--socket", required=True)
     ns = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # A holder may cancel (SIGINT) as soon as the raylet has leased this
+    # worker out, which is before the TaskRunner's handler exists; the cancel
+    # message and the holder's repeated signal still reach the task.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     listen = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.unlink(ns.socket)

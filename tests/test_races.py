@@ -10,6 +10,7 @@ cancel race hung within the first few rounds, a call after kill ran in about
 cancel, kill and named-actor tests repeat too (``@pytest.mark.repeat``).
 """
 
+import json
 import os
 import time
 
@@ -22,6 +23,7 @@ ROUNDS = int(os.environ.get("SHOAL_RACE_ROUNDS", "200"))
 # half as often in the default suite: still 100 kill rounds and 2 x 50 name
 # rounds, against failure rates of 13/30 and 29/30 before the fixes.
 ACTOR_ROUNDS = ROUNDS // 2
+_SESSION: dict = {}
 PAUSES = (0.0, 0.0, 0.0002, 0.002)  # most rounds with no pause at all
 
 
@@ -29,7 +31,8 @@ PAUSES = (0.0, 0.0, 0.0002, 0.002)  # most rounds with no pause at all
 def ray():
     import libclient
 
-    libclient.init(num_cpus=2, namespace="race-tests")
+    info = libclient.init(num_cpus=2, namespace="race-tests")
+    _SESSION["dir"] = info["session_dir"]
     try:
         yield libclient
     finally:
@@ -77,6 +80,11 @@ def test_cancel_right_after_submit_never_hangs(ray):
         ray.cancel(ref)
         with pytest.raises(exc.TaskCancelledError):
             ray.get(ref, timeout=15)
+    # A plain cancel interrupts the task, never the worker: none died (a
+    # signal that lands while a worker starts up used to kill it).
+    with open(os.path.join(_SESSION["dir"], "logs", "raylet.log")) as f:
+        exits = [json.loads(line) for line in f if '"worker_exited"' in line]
+    assert exits == []
 
 
 def test_cancel_of_a_finished_task_keeps_its_result(ray):
