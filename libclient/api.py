@@ -49,7 +49,38 @@ def _resolve_address(address: str) -> str:
                 return path
         raise ConnectionError("init(address='auto') found no running raylet: set SHOAL_ADDRESS "
                               "to a raylet socket, or start one (systemctl start raylet)")
+    if _is_gcs_address(address):
+        return _local_raylet(address)
     return address
+
+
+def _is_gcs_address(address: str) -> bool:
+    """``host:port`` or ``tcp://host:port`` names gcsd; anything else is a socket path."""
+    if address.startswith("tcp://"):
+        return True
+    host, _, port = address.rpartition(":")
+    return bool(host) and "/" not in address and port.isdigit()
+
+
+def _local_raylet(gcs_address: str) -> str:
+    """This host's raylet, found through gcsd's node table (as Ray does).
+
+    Only a node whose Unix socket exists here can be ours; the head wins
+    when several nodes share this host (a test cluster on one machine).
+    """
+    from libclient.gcs_client import GcsClient
+
+    url = gcs_address if gcs_address.startswith("tcp://") else f"tcp://{gcs_address}"
+    with GcsClient(url, timeout=10.0) as gcs:
+        nodes = gcs.get_nodes()
+    here = os.uname().nodename
+    mine = [n for n in nodes if n.get("state") == "ALIVE" and n.get("hostname") == here
+            and isinstance(n.get("raylet_socket"), str) and os.path.exists(n["raylet_socket"])]
+    if not mine:
+        raise ConnectionError(f"gcsd at {gcs_address} knows no live raylet on this host "
+                              f"({here}); start one with `shoal start --address {gcs_address}`")
+    mine.sort(key=lambda n: (not n.get("head"), n.get("registered_at", 0)))
+    return mine[0]["raylet_socket"]
 
 
 def init(address: str | None = None, *, num_cpus: float | None = None,
@@ -289,8 +320,10 @@ def nodes() -> list[dict[str, Any]]:
                     "NodeManagerHostname": n.get("hostname", ""),
                     "RayletSocketName": n.get("raylet_socket", ""),
                     "ObjectStoreSocketName": n.get("store_socket", ""),
+                    "RayletAddress": n.get("raylet_address", ""),
+                    "ObjectStoreAddress": n.get("store_address", ""),
                     "Resources": n.get("resources", {}), "GPUs": n.get("gpus", []),
-                    "state": n.get("state")})
+                    "state": n.get("state"), "DeathReason": n.get("death_reason", "")})
     return out
 
 
@@ -304,11 +337,18 @@ def cluster_resources() -> dict[str, float]:
 
 
 def available_resources() -> dict[str, float]:
+    """Free resources over the live nodes: this node's from its raylet (fresh),
+    the others' as they last reported to gcsd (on change, within ~0.1 s)."""
     core = _require()
     reply = core.raylet_call({"t": "resources"})
     if not reply.get("ok"):
         raise RaySystemError(f"raylet: {reply.get('error')}")
-    return {k: v for k, v in reply["available"].items() if v > 0}
+    total: dict[str, float] = dict(reply["available"])
+    for n in core.gcs.get_nodes():
+        if n.get("state") == "ALIVE" and n.get("node_id") != core.node_id:
+            for k, v in (n.get("available") or {}).items():
+                total[k] = total.get(k, 0) + v
+    return {k: v for k, v in total.items() if v > 0}
 
 
 class RuntimeContext:

@@ -46,9 +46,14 @@ class EmbeddedCluster:
     """Handle on a running launcher; ``stop()`` ends it and waits."""
 
     def __init__(self, *, num_cpus: float | None, num_gpus: float | None,
-                 resources: dict | None, object_store_memory: int | None) -> None:
+                 resources: dict | None, object_store_memory: int | None,
+                 gcs_address: str | None = None, head: bool = True,
+                 node_ip: str = "127.0.0.1", node_timeout_s: float | None = None) -> None:
+        """Start one node: with no ``gcs_address`` it is a whole cluster (gcsd
+        too); with one, it joins that cluster as a further node."""
         spec = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {},
-                "object_store_memory": object_store_memory}
+                "object_store_memory": object_store_memory, "gcs_address": gcs_address,
+                "head": head, "node_ip": node_ip, "node_timeout_s": node_timeout_s}
         ready_r, ready_w = os.pipe()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "libclient.cluster", json.dumps(spec), str(ready_w)],
@@ -68,6 +73,7 @@ class EmbeddedCluster:
         self.session_dir: str = info["session_dir"]
         self.raylet_socket: str = info["raylet_socket"]
         self.gcs_address: str = info["gcs_address"]
+        self.node_id: str = info.get("node_id", "")
         self.pids: list[int] = info["pids"]
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -157,9 +163,15 @@ def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
     logdir = os.path.join(session, "logs")
     os.makedirs(logdir, mode=0o700)
     procs: list[subprocess.Popen] = []
+    host = spec.get("node_ip") or "127.0.0.1"
     try:
-        gcs = _start("gcsd", ["--host", "127.0.0.1", "--port", "0",
-                              "--data-dir", os.path.join(session, "gcs")], logdir, procs)
+        gcs_address = spec.get("gcs_address")
+        if not gcs_address:  # the head: this node runs the cluster's gcsd
+            gcs_args = ["--host", host, "--port", "0", "--data-dir", os.path.join(session, "gcs")]
+            if spec.get("node_timeout_s"):
+                gcs_args += ["--node-timeout-s", str(float(spec["node_timeout_s"]))]
+            gcs = _start("gcsd", gcs_args, logdir, procs)
+            gcs_address = gcs["address"]
         store_sock = os.path.join(session, "stored.sock")
         store_args = ["--socket", store_sock]
         if spec.get("object_store_memory"):
@@ -167,16 +179,19 @@ def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
         _start("stored", store_args, logdir, procs)
         raylet_sock = os.path.join(session, "raylet.sock")
         raylet_args = ["--socket", raylet_sock, "--store-socket", store_sock,
-                       "--gcs-address", gcs["address"]]
+                       "--gcs-address", gcs_address, "--set", f"node.address={host}"]
+        if spec.get("head"):
+            raylet_args += ["--set", "raylet.head=true"]
         if spec.get("num_cpus") is not None:
             raylet_args += ["--num-cpus", str(spec["num_cpus"])]
         if spec.get("num_gpus") is not None:
             raylet_args += ["--num-gpus", str(spec["num_gpus"])]
         if spec.get("resources"):
             raylet_args += ["--resources", json.dumps(spec["resources"])]
-        _start("raylet", raylet_args, logdir, procs)
+        raylet = _start("raylet", raylet_args, logdir, procs)
         info = {"session_dir": session, "raylet_socket": raylet_sock,
-                "gcs_address": gcs["address"], "pids": [p.pid for p in procs]}
+                "gcs_address": gcs_address, "node_id": raylet.get("node_id", ""),
+                "pids": [p.pid for p in procs]}
     except Exception as exc:
         _stop_all(procs)
         shutil.rmtree(session, ignore_errors=True)

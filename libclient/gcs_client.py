@@ -545,9 +545,18 @@ class GcsClient:
     def register_node(self, node_id: bytes, info: dict[str, Any]) -> None:
         self.call("register_node", node_id=node_id, info=info)
 
-    def heartbeat(self, node_id: bytes, available: dict[str, float]) -> None:
-        """Report liveness and free resources (one-way)."""
-        self.send_oneway("heartbeat", node_id=node_id, available=available)
+    def heartbeat(self, node_id: bytes, available: dict[str, float] | None = None,
+                  version: int | None = None) -> None:
+        """Report liveness, and free resources if given (one-way).
+
+        Without ``available`` gcsd only refreshes the node's timer and
+        publishes nothing; send the map (with its version) when it changed.
+        """
+        if available is None:
+            self.send_oneway("heartbeat", node_id=node_id)
+        else:
+            self.send_oneway("heartbeat", node_id=node_id, available=available,
+                             version=version or 0)
 
     def unregister_node(self, node_id: bytes) -> None:
         self.call("unregister_node", node_id=node_id)

@@ -246,6 +246,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "resources": Key(_resources, {}, "custom resources, e.g. {accel = 2}"),
         "max_workers": Key(_int(1, 1 << 16), None, "cap on worker processes"),
         "worker_python": Key(_path, None, "interpreter for workers; default the raylet's"),
+        "port": Key(_int(0, 65535), 0,
+                    "TCP port other hosts reach this raylet on ([node] address); 0: any free"),
+        "head": Key(_bool, False, "this node is the head (drivers given a gcsd address "
+                                  "prefer it)"),
     },
 }
 

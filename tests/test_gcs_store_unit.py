@@ -254,6 +254,21 @@ def test_register_then_heartbeats_keep_a_node_alive(store):
     assert node["last_heartbeat"] == WALL + 19.0
 
 
+def test_bare_heartbeats_keep_a_node_alive_without_publishing(store):
+    core = make_core(store, timeout=10)
+    _register(core)
+    seq = core.shard.last_seq
+    for t in (5.0, 12.0, 19.0, 26.0):
+        out = req(core, "heartbeat", t, node_id=NODE)
+        assert ok(out) and out.publications == []  # nothing for 1,000 raylets to read
+        assert core.tick(t + 1, WALL).publications == []
+    assert core.shard.last_seq == seq and _node(core)["state"] == ALIVE
+    out = req(core, "heartbeat", 27.0, node_id=NODE, available={"CPU": 0.5}, version=7)
+    assert [p.value["available"] for p in out.publications] == [{"CPU": 0.5}]
+    assert _node(core)["version"] == 7
+    assert core.tick(37.5, WALL).publications[0].value["state"] == DEAD
+
+
 def test_silent_node_is_marked_dead_once_on_tick(store):
     core = make_core(store, timeout=10)
     _register(core)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 
 from daemons import sdnotify, shell
@@ -75,10 +76,22 @@ def main(argv: list[str] | None = None) -> None:
     except (shell.ConfigError, OSError) as exc:
         shell.fail(log, f"cannot listen on {socket_path}: {exc}")
         return
+    host = conf["node"]["address"]
+    try:
+        tcp_listen = socket.create_server((host, rconf["port"]), backlog=128)
+    except OSError as exc:
+        listen.close()
+        os.unlink(socket_path)
+        shell.fail(log, f"cannot listen on {host}:{rconf['port']} ([raylet] port): {exc}")
+        return
+    tcp_listen.setblocking(False)
     from libclient.gcs_client import GcsClient
 
     gcs = GcsClient(conf.gcs_address, timeout=conf["gcs"]["connect_timeout_s"])
-    info = {"node_id": node_id, "address": conf["node"]["address"],
+    info = {"node_id": node_id, "address": host,
+            "raylet_address": f"{host}:{tcp_listen.getsockname()[1]}",
+            "store_address": _store_transfer_address(store_socket),
+            "head": bool(rconf["head"]),
             "raylet_socket": socket_path, "store_socket": store_socket,
             "resources": resources, "gpus": gpus, "pid": os.getpid(),
             "hostname": os.uname().nodename}
@@ -86,20 +99,23 @@ def main(argv: list[str] | None = None) -> None:
         gcs.register_node(node_id, info)
     except Exception as exc:
         listen.close()
+        tcp_listen.close()
         os.unlink(socket_path)
         shell.fail(log, f"cannot register with gcsd at {conf.gcs_address}: {exc}")
         return
     pool = WorkerPool(["--raylet", socket_path], os.path.dirname(os.path.abspath(socket_path)),
                       shell.child_env(), python=rconf["worker_python"] or sys.executable)
     ncpu = int(resources.get("CPU", 1))
-    raylet = Raylet(listen=listen, socket_path=socket_path, node_id=node_id,
+    raylet = Raylet(listen=listen, tcp_listen=tcp_listen, socket_path=socket_path,
+                    node_id=node_id,
                     resources=resources, gpus=gpus, pool=pool,
                     store_socket=store_socket, gcs=gcs,
                     gcs_address=conf.gcs_address, log=log,
                     max_workers=rconf["max_workers"] or max(8, 4 * ncpu + 4),
                     wake_fd=stop.wake_fd_r)
     raylet.start_workers()
-    log.info("raylet_started", socket=socket_path, resources=resources, gpus=len(gpus),
+    log.info("raylet_started", socket=socket_path, address=info["raylet_address"],
+             resources=resources, gpus=len(gpus),
              gcs_address=conf.gcs_address, config=conf.path)
     shell.notify_ready(ns.ready_fd, json.dumps({"socket": socket_path,
                                                  "node_id": node_id.hex()}))
@@ -120,6 +136,17 @@ def main(argv: list[str] | None = None) -> None:
         gcs.close()
         log.info("raylet_stopped")
     sys.exit(0)
+
+
+def _store_transfer_address(store_socket: str) -> str:
+    """Where other nodes pull this node's objects from (stored's TCP address)."""
+    from libclient.store_client import StoreClient
+
+    try:
+        with StoreClient(store_socket, name="raylet") as store:
+            return str(store._call({"t": "health"}).get("transfer_address") or "")
+    except Exception:
+        return ""
 
 
 if __name__ == "__main__":

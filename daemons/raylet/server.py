@@ -32,6 +32,7 @@ from libclient.protocol import FrameDecoder, ProtocolError, pack
 from libclient.protocol import field as mfield
 
 _HEARTBEAT_S = 1.0
+_REPORT_S = 0.1  # at most ten resource reports a second per node
 _MAX_START_FAILURES = 5
 _ACTORS = -1  # client id of lease requests the raylet makes for its actors
 _START_BACKOFF_S = 5.0
@@ -63,6 +64,7 @@ class _Lease:
 
 class Raylet:
     def __init__(self, *, listen: socket.socket, socket_path: str, node_id: bytes,
+                 tcp_listen: socket.socket | None = None,
                  resources: dict[str, float], gpus: list[dict[str, Any]], pool: WorkerPool,
                  store_socket: str, gcs: Any, gcs_address: str, log: Any,
                  max_workers: int, wake_fd: int) -> None:
@@ -81,6 +83,11 @@ class Raylet:
         self.max_workers = max_workers
         self.sel = selectors.DefaultSelector()
         self.sel.register(listen, selectors.EVENT_READ, None)
+        # Submitters on other nodes (spillback, remote leases) reach us over TCP
+        # and speak the same framed protocol as local clients.
+        self.tcp_listen = tcp_listen
+        if tcp_listen is not None:
+            self.sel.register(tcp_listen, selectors.EVENT_READ, "tcp")
         self.sel.register(wake_fd, selectors.EVENT_READ, "wake")
         self.conns: dict[int, _Conn] = {}
         self.leases: dict[int, _Lease] = {}
@@ -94,6 +101,11 @@ class Raylet:
         self._next_cid = 0
         self._next_lease = 0
         self._last_heartbeat = 0.0
+        self._last_report = 0.0
+        self._reported: dict[str, float] | None = None  # free resources gcsd last heard
+        self._report_version = 0
+        self.cluster_nodes: dict[bytes, dict[str, Any]] = {}  # gcsd's node rows, kept current
+        self._node_sub: Any = None
         self.prestart = int(resources.get("CPU", 0))
         # Workers that exit before registering, in a row (a broken Python
         # environment, say). Past the limit, waiting leases fail with the
@@ -111,7 +123,9 @@ class Raylet:
             self.last_loop = time.monotonic()  # a watchdog reads this: the loop turns
             for key, events in self.sel.select(timeout=0.1):
                 if key.data is None:
-                    self._accept()
+                    self._accept(self.listen)
+                elif key.data == "tcp":
+                    self._accept(self.tcp_listen)
                 elif key.data == "wake":
                     try:
                         os.read(key.fd, 64)
@@ -131,18 +145,27 @@ class Raylet:
         self.pool.stop_all()
         self.sel.close()
         self.listen.close()
+        if self.tcp_listen is not None:
+            self.tcp_listen.close()
+        if self._node_sub:
+            self._node_sub.close()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
             pass
 
     # ---- connections ------------------------------------------------------
-    def _accept(self) -> None:
+    def _accept(self, listen: socket.socket) -> None:
         try:
-            sock, _ = self.listen.accept()
-        except BlockingIOError:
+            sock, _ = listen.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and friends: keep serving the others
+            self.log.warning("accept_failed", error=str(exc))
             return
         sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._next_cid += 1
         conn = _Conn(sock, self._next_cid)
         self.conns[conn.cid] = conn
@@ -578,10 +601,74 @@ class Raylet:
         for worker in self.pool.reap():
             self._worker_gone(worker)
         self._refill()
-        now = time.monotonic()
-        if now - self._last_heartbeat >= _HEARTBEAT_S and self.gcs is not None:
+        if self.gcs is not None:
+            self._report(time.monotonic())
+            self._follow_nodes()
+
+    def _report(self, now: float) -> None:
+        """Tell gcsd we live, and what is free when that changed.
+
+        Free resources go out only on change, at most every ``_REPORT_S``,
+        with a version so receivers drop reordered ones; otherwise a bare
+        heartbeat once a second, which gcsd does not publish.
+        """
+        available = self.scheduler.available.to_dict()
+        try:
+            if available != self._reported and now - self._last_report >= _REPORT_S:
+                self._report_version += 1
+                self.gcs.heartbeat(self.node_id, available, self._report_version)
+                self._reported = available
+                self._last_report = self._last_heartbeat = now
+            elif now - self._last_heartbeat >= _HEARTBEAT_S:
+                self.gcs.heartbeat(self.node_id)
+                self._last_heartbeat = now
+        except Exception as exc:
             self._last_heartbeat = now
+            self.log.warning("heartbeat_failed", error=str(exc))
+
+    def _follow_nodes(self) -> None:
+        """Keep ``cluster_nodes`` current from gcsd's node table (pub-sub, snapshot on gaps)."""
+        sub = self._node_sub
+        if sub is None:
             try:
-                self.gcs.heartbeat(self.node_id, self.scheduler.available.to_dict())
+                self._node_sub = sub = self.gcs.subscribe(["nodes"])
             except Exception as exc:
-                self.log.warning("heartbeat_failed", error=str(exc))
+                self.log.warning("node_subscribe_failed", error=str(exc))
+                self._node_sub = False
+                return
+            self._load_nodes()
+        if not sub:
+            return
+        gaps = sub.gaps
+        for _ in range(10_000):
+            try:
+                note = sub.recv(0)
+            except Exception:
+                break
+            if note is None:
+                break
+            value = note.get("value")
+            if isinstance(value, dict) and isinstance(note.get("key"), bytes):
+                self._on_node(note["key"], value)
+        if sub.gaps != gaps:
+            self._load_nodes()  # notifications were lost: read the table again
+
+    def _load_nodes(self) -> None:
+        try:
+            rows = self.gcs.get_nodes()
+        except Exception as exc:
+            self.log.warning("node_snapshot_failed", error=str(exc))
+            return
+        for row in rows:
+            if isinstance(row, dict) and isinstance(row.get("node_id"), bytes):
+                self._on_node(row["node_id"], row)
+
+    def _on_node(self, node_id: bytes, row: dict[str, Any]) -> None:
+        old = self.cluster_nodes.get(node_id)
+        if old is not None and old.get("state") == "ALIVE" and row.get("state") != "ALIVE":
+            self.log.warning("node_dead_seen", node=node_id.hex(),
+                             reason=row.get("death_reason", ""))
+        elif old is None and row.get("state") == "ALIVE" and node_id != self.node_id:
+            self.log.info("node_joined", node=node_id.hex(),
+                          address=row.get("raylet_address", ""))
+        self.cluster_nodes[node_id] = row
