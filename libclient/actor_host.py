@@ -94,23 +94,30 @@ class ActorHost:
         return cls(runner, holder[0], spec, {"t": "actor_ready"})
 
     # ------------------------------------------------------------- serving
-    def serve(self, listen: socket.socket) -> None:
-        """Accept callers and run their calls until the process is killed."""
+    def serve(self, listen: socket.socket, *more: socket.socket) -> None:
+        """Accept callers (on the Unix socket, and ``more``: the TCP port other
+        nodes call on) and run their calls until the process is killed."""
         self.runner.conn = None  # cancellation by SIGINT is for tasks only
         if self.is_async:
             self._start_loop()
         elif self.max_concurrency > 1:
             self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor")
         sel = selectors.DefaultSelector()
-        sel.register(listen, selectors.EVENT_READ, None)
+        for lsock in (listen, *more):
+            sel.register(lsock, selectors.EVENT_READ, None)
         # A plain sync actor runs calls in this thread, so it may spin for the
         # next one; async and threaded actors must leave the GIL to their workers.
         wait = spin.wait_selector if not self.is_async and self._pool is None else _block
         while True:
             for key, _ in wait(sel):
                 if key.data is None:
-                    sock, _ = listen.accept()
+                    try:
+                        sock, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                    except OSError:
+                        continue
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+                    if sock.family != socket.AF_UNIX:
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     sel.register(sock, selectors.EVENT_READ, _Caller(sock))
                     continue
                 caller: _Caller = key.data

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import collections
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -279,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--raylet", required=True)
     p.add_argument("--worker-id", required=True)
     p.add_argument("--socket", required=True)
+    p.add_argument("--tcp-fd", type=int, help="listening TCP socket for holders on other nodes")
     ns = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     # A holder may cancel (SIGINT) as soon as the raylet has leased this
@@ -301,12 +303,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     api._attach_worker(core)
     runner = TaskRunner(core)
+    # Holders on this node connect to the Unix socket; holders and callers on
+    # other nodes to the TCP port the raylet opened for us.
+    tcp = [socket.socket(fileno=ns.tcp_fd)] if ns.tcp_fd is not None else []
     try:
         while runner.actor is None or runner.actor.instance is None:
-            conn, _ = listen.accept()
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            conn = _accept_one([listen, *tcp])
             runner.serve(conn)
-        runner.actor.serve(listen)
+        runner.actor.serve(listen, *tcp)
     except KeyboardInterrupt:
         pass
     except RaySystemError as exc:
@@ -316,6 +320,22 @@ def main(argv: list[str] | None = None) -> None:
             os.unlink(ns.socket)
         except FileNotFoundError:
             pass
+
+
+def _accept_one(listeners: list[socket.socket]) -> socket.socket:
+    """The next holder connection on any of our listening sockets."""
+    if len(listeners) == 1:
+        conn, _ = listeners[0].accept()
+    else:
+        with selectors.DefaultSelector() as sel:
+            for lsock in listeners:
+                sel.register(lsock, selectors.EVENT_READ)
+            key, _ = sel.select()[0]
+            conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+    if conn.family != socket.AF_UNIX:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         shell.fail(log, f"cannot register with gcsd at {conf.gcs_address}: {exc}")
         return
     pool = WorkerPool(["--raylet", socket_path], os.path.dirname(os.path.abspath(socket_path)),
-                      shell.child_env(), python=rconf["worker_python"] or sys.executable)
+                      shell.child_env(), python=rconf["worker_python"] or sys.executable,
+                      tcp_host=host)
     ncpu = int(resources.get("CPU", 1))
     raylet = Raylet(listen=listen, tcp_listen=tcp_listen, socket_path=socket_path,
                     node_id=node_id,

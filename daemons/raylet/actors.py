@@ -40,6 +40,7 @@ class ActorRecord:
     num_restarts: int = 0
     pid: int = 0
     socket: str = ""
+    address: str = ""  # "host:port" callers on other nodes use
     death_cause: str = ""
     no_restart: bool = False
     worker_id: bytes | None = None
@@ -49,7 +50,8 @@ class ActorRecord:
         """The row written to gcsd's actors table."""
         spec = self.spec
         return {"actor_id": self.actor_id, "state": self.state, "node_id": node_id,
-                "pid": self.pid, "socket": self.socket, "num_restarts": self.num_restarts,
+                "pid": self.pid, "socket": self.socket, "address": self.address,
+                "num_restarts": self.num_restarts,
                 "max_restarts": self.max_restarts, "death_cause": self.death_cause,
                 "class_name": spec.get("class_name", ""), "job": spec.get("job", 0),
                 "name": spec.get("name", ""), "namespace": spec.get("namespace", ""),
@@ -86,11 +88,12 @@ class ActorDirectory:
         self.actors[actor_id] = record
         return record
 
-    def ready(self, actor_id: bytes, pid: int, socket: str) -> ActorRecord | None:
+    def ready(self, actor_id: bytes, pid: int, socket: str,
+              address: str = "") -> ActorRecord | None:
         record = self.actors.get(actor_id)
         if record is None or record.state == DEAD:
             return None
-        record.state, record.pid, record.socket = ALIVE, pid, socket
+        record.state, record.pid, record.socket, record.address = ALIVE, pid, socket, address
         return record
 
     def init_failed(self, actor_id: bytes, cause: str) -> ActorRecord | None:
@@ -106,6 +109,7 @@ class ActorDirectory:
             return Dead(self._die(actor_id, cause))  # type: ignore[arg-type]
         record.num_restarts += 1
         record.state, record.pid, record.socket, record.worker_id = RESTARTING, 0, "", None
+        record.address = ""
         return Restart(record)
 
     def kill(self, actor_id: bytes, no_restart: bool,
@@ -133,7 +137,7 @@ class ActorDirectory:
         if record is None:
             return None
         record.state, record.death_cause = DEAD, cause
-        record.pid, record.socket, record.worker_id = 0, "", None
+        record.pid, record.socket, record.worker_id, record.address = 0, "", None, ""
         return record
 
     def by_worker(self, worker_id: bytes) -> ActorRecord | None:

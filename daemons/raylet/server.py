@@ -387,6 +387,7 @@ class Raylet:
             conn.leases.add(lease.lease_id)
             self._send(conn, {"r": req.request_id, "ok": True, "lease_id": lease.lease_id,
                               "worker_id": worker.worker_id, "socket": worker.socket_path,
+                              "address": worker.address, "node_id": self.node_id,
                               "pid": worker.pid, "gpus": gpus})
 
     def _end_lease(self, lease_id: int, kill: bool) -> None:
@@ -510,14 +511,16 @@ class Raylet:
         worker = next((w for w in self.pool.workers.values() if w.actor_id == conn.actor_id), None)
         record = None
         if worker is not None:
-            record = self.actors.ready(conn.actor_id, worker.pid, worker.socket_path)  # type: ignore[arg-type]
+            record = self.actors.ready(conn.actor_id, worker.pid,  # type: ignore[arg-type]
+                                       worker.socket_path, worker.address)
         self._close(conn, "actor initialised")
         if record is None:
             return
         self.log.info("actor_alive", actor_id=record.actor_id.hex(), worker_pid=record.pid,
                       num_restarts=record.num_restarts)
         self._publish_actor(record)
-        self._answer_creator(record, {"ok": True, "socket": record.socket, "pid": record.pid})
+        self._answer_creator(record, {"ok": True, "socket": record.socket, "pid": record.pid,
+                                      "address": record.address, "node_id": self.node_id})
 
     def _on_actor_failed(self, conn: _Conn, msg: dict[str, Any]) -> None:
         cause = mfield(msg, "error", str)

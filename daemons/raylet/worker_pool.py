@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class Worker:
     worker_id: bytes
     proc: subprocess.Popen[bytes]
     socket_path: str
+    address: str = ""  # "host:port" holders on other nodes connect to
     state: str = STARTING
     conn: Any = None
     lease_id: int | None = None
@@ -52,6 +54,7 @@ class WorkerPool:
     socket_dir: str
     env: dict[str, str]
     python: str = sys.executable
+    tcp_host: str | None = None  # also listen on TCP here, for other nodes
     workers: dict[bytes, Worker] = field(default_factory=dict)
 
     def start(self) -> Worker:
@@ -59,9 +62,20 @@ class WorkerPool:
         path = os.path.join(self.socket_dir, f"w-{worker_id.hex()}.sock")
         argv = [self.python, "-m", "libclient.worker", *self.argv_base,
                 "--worker-id", worker_id.hex(), "--socket", path]
-        proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with_parent,
-                                stdin=subprocess.DEVNULL, close_fds=True)
-        worker = Worker(worker_id, proc, path)
+        # The raylet binds the worker's TCP port itself and hands the socket
+        # over, so it knows the address before the worker has even started.
+        tcp = socket.create_server((self.tcp_host, 0), backlog=64) if self.tcp_host else None
+        try:
+            if tcp is not None:
+                argv += ["--tcp-fd", str(tcp.fileno())]
+            proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with_parent,
+                                    stdin=subprocess.DEVNULL, close_fds=True,
+                                    pass_fds=(tcp.fileno(),) if tcp is not None else ())
+        finally:
+            address = f"{self.tcp_host}:{tcp.getsockname()[1]}" if tcp is not None else ""
+            if tcp is not None:
+                tcp.close()
+        worker = Worker(worker_id, proc, path, address)
         self.workers[worker_id] = worker
         return worker
 

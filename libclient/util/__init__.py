@@ -1,0 +1,1 @@
+"""``ray.util`` counterparts: scheduling strategies (more to come)."""
