@@ -91,7 +91,7 @@ class EmbeddedCluster:
 
 def _read_ready(fd: int, timeout: float, proc: subprocess.Popen | None = None) -> dict[str, Any]:
     """Read one JSON line from a readiness pipe, with a deadline."""
-    import select
+    from libclient.spin import wait_readable
 
     deadline = time.monotonic() + timeout
     buf = b""
@@ -99,8 +99,7 @@ def _read_ready(fd: int, timeout: float, proc: subprocess.Popen | None = None) -
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("daemon did not become ready in time")
-        r, _, _ = select.select([fd], [], [], min(remaining, 0.5))
-        if r:
+        if wait_readable(fd, min(remaining, 0.5)):
             chunk = os.read(fd, 4096)
             if not chunk:
                 code = proc.wait() if proc is not None else None
@@ -201,12 +200,12 @@ def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
     os.write(ready_fd, (json.dumps(info) + "\n").encode())
     os.close(ready_fd)
     # Run until the driver's pipe closes (shutdown, exit or death) or SIGTERM.
-    import select
+    from libclient.spin import wait_readable
 
     stdin = sys.stdin.fileno()
     try:
         while not stop:
-            readable, _, _ = select.select([stdin], [], [], 0.2)
+            readable = wait_readable(stdin, 0.2)
             if readable and not os.read(stdin, 4096):
                 break
     except (OSError, ValueError):

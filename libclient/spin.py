@@ -2,7 +2,7 @@
 
 A synchronous call (``ray.get(f.remote())``, a sync actor call) is a
 ping-pong between two processes. When the waiting side sleeps in
-``select``/``recv``, each answer costs a kernel wake-up, and on a VM an idle
+``poll``/``recv``, each answer costs a kernel wake-up, and on a VM an idle
 vCPU must first be woken by the host: measured here, that wake-up, not the
 work, set the rate of sync tasks. So the waiter first polls without
 sleeping for a short window, about one round trip, and only then blocks.
@@ -12,6 +12,9 @@ so every spin is CPU taken from the processes doing the work, e.g. several
 clients on a busy node), it stops: each kind of wait keeps a score of how
 often its spins found data, spins only while that is at least 1 in 4, and
 otherwise tries once every 16 waits to see whether things changed.
+
+Waits use ``poll`` (or a selector), never ``select.select``, which fails
+with "filedescriptor out of range" for descriptors >= 1024.
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ def readable(sock: socket.socket, timeout: float | None, spin_s: float = SPIN_S,
     spin_s = state.window(spin_s)
     if timeout is not None:
         spin_s = min(spin_s, timeout)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poll = poller.poll
     end = time.perf_counter() + spin_s
     while spin_s:
-        if select.select([sock], [], [], 0)[0]:
+        if poll(0):
             state.record(True)
             return True
         if time.perf_counter() >= end:
@@ -61,8 +67,19 @@ def readable(sock: socket.socket, timeout: float | None, spin_s: float = SPIN_S,
             break
     if timeout is not None and timeout <= spin_s:
         return False
-    rest = None if timeout is None else timeout - spin_s
-    return bool(select.select([sock], [], [], rest)[0])
+    return bool(poll(None if timeout is None else (timeout - spin_s) * 1000.0))
+
+
+def wait_readable(fileobj: Any, timeout: float | None) -> bool:
+    """Block until ``fileobj`` (a socket or a descriptor) is readable, at most
+    ``timeout`` seconds (None: no limit). False if the time ran out.
+
+    Uses poll, never select: select cannot take a descriptor numbered 1024
+    or higher, which a process with many files open gets for every new one.
+    """
+    poller = select.poll()
+    poller.register(fileobj, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000.0))
 
 
 def recv(sock: socket.socket, size: int, spin_s: float = SPIN_S,

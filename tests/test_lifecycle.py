@@ -230,3 +230,58 @@ def test_raylet_bad_config_exits_nonzero(tmp_path, flag):
     assert res.returncode == 2
     assert "error:" in res.stderr
 
+
+
+MANY_FDS_DRIVER = """
+import os, resource
+import libclient as ray
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft != resource.RLIM_INFINITY and soft < 4096:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096 if hard == resource.RLIM_INFINITY
+                                                else min(4096, hard), hard))
+held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+probe = os.open("/dev/null", os.O_RDONLY)
+assert probe >= 1100, probe  # every descriptor init() opens from here on is past 1024
+os.close(probe)
+
+ray.init(num_cpus=2, object_store_memory=64 << 20)
+
+@ray.remote
+def f(x):
+    return x + 1
+
+@ray.remote
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def inc(self):
+        self.n += 1
+        return self.n
+
+for i in range(20):  # synchronous gets: the waiting thread polls the worker's socket
+    assert ray.get(f.remote(i)) == i + 1
+assert ray.get([f.remote(i) for i in range(50)]) == list(range(1, 51))
+c = Counter.remote()
+assert ray.get(c.inc.remote()) == 1
+assert ray.get([c.inc.remote() for _ in range(20)])[-1] == 21
+assert len(ray.get(ray.put(b"x" * (1 << 20)))) == 1 << 20
+ray.shutdown()
+for fd in held:
+    os.close(fd)
+print("ok", flush=True)
+"""
+
+
+def test_driver_with_more_than_1024_open_files(tmp_path):
+    # select() cannot take a descriptor >= 1024 ("filedescriptor out of range
+    # in select()"); every wait in libclient must cope with such a process.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    res = _run_driver(MANY_FDS_DRIVER, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "ok"

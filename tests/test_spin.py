@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import selectors
 import socket
 import threading
 import time
+
+import pytest
 
 from libclient import spin
 
@@ -78,3 +82,45 @@ def test_spinning_stops_where_it_does_not_pay_and_comes_back_where_it_does():
         if state.window(0.001):
             state.record(True)
     assert state.window(0.001) == 0.001 and state.window(0.001) == 0.001
+
+
+def test_waits_take_descriptors_past_select_limit():
+    # select() refuses descriptors >= 1024; a driver with many files open
+    # gets nothing but those. Every wait here must still work.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 1100:
+        if hard != resource.RLIM_INFINITY and hard < 1100:
+            pytest.skip(f"the hard limit on open files is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1100, hard))
+    held = []
+    try:
+        while True:
+            fd = os.open("/dev/null", os.O_RDONLY)
+            held.append(fd)
+            if fd >= 1030:
+                break
+        a, b = socket.socketpair()
+        r, w = os.pipe()
+        try:
+            assert min(a.fileno(), b.fileno(), r, w) >= 1024
+            assert not spin.readable(a, 0.01, spin_s=0.001)
+            assert not spin.wait_readable(r, 0.01)
+            t = _later(b, 0.01)
+            assert spin.readable(a, 5.0, spin_s=0.0001)
+            t.join()
+            os.write(w, b"x")
+            assert spin.wait_readable(r, 5.0)
+            os.close(w)
+            w = -1
+            os.read(r, 1)
+            assert spin.wait_readable(r, 5.0)  # EOF counts as readable, as with select
+        finally:
+            a.close()
+            b.close()
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -16,7 +16,6 @@ import argparse
 import ctypes
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import psutil
 
 from libclient import hostconfig
 from libclient.cli import common
+from libclient.spin import wait_readable
 
 ORDER = ("gcsd", "stored", "raylet")
 _PR_SET_PDEATHSIG = 1
@@ -94,7 +94,7 @@ def _read_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> dict[
     while b"\n" not in buf:
         if time.monotonic() > deadline:
             raise RuntimeError(f"not ready after {timeout:g} s")
-        if select.select([fd], [], [], 0.2)[0]:
+        if wait_readable(fd, 0.2):
             chunk = os.read(fd, 4096)
             if not chunk:
                 raise RuntimeError(f"exited with status {proc.wait()} before it was ready")
