@@ -210,6 +210,9 @@ class RemoteFunction:
         retries = options.get("max_retries", 3)
         self._retries = 1 << 30 if retries == -1 else retries
         self._rex = options.get("retry_exceptions", False)
+        from libclient.util.scheduling_strategies import to_wire
+
+        self._strategy = to_wire(options.get("scheduling_strategy"))
         self.__name__ = getattr(fn, "__name__", "task")
         self.__doc__ = fn.__doc__
 
@@ -236,7 +239,8 @@ class RemoteFunction:
         core = _require()
         refs = core.submit(self._key(core), self._name, args, kwargs,
                            num_returns=self._nret, demand=self._demand,
-                           max_retries=self._retries, retry_exceptions=self._rex)
+                           max_retries=self._retries, retry_exceptions=self._rex,
+                           strategy=self._strategy)
         return refs[0] if self._nret == 1 else refs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

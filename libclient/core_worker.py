@@ -68,12 +68,13 @@ READY = 1
 class _Entry:
     """An owned object: pending until its task replies, then inline or stored."""
 
-    __slots__ = ("state", "wire", "buf", "escaped", "waiters", "count")
+    __slots__ = ("state", "wire", "buf", "escaped", "waiters", "count", "loc")
 
     def __init__(self) -> None:
         self.state = PENDING
         self.wire: list[Any] | None = None  # [kind, meta, [bufs]] when inline
         self.buf: Any = None  # pinned pyarrow Buffer when in stored
+        self.loc = ""  # another node's store that holds it (a remote task's big return)
         self.escaped = False
         self.waiters: list[_Task] | None = None
         self.count = 0
@@ -103,10 +104,11 @@ class _Task:
 
 class _Lease:
     __slots__ = ("lease_id", "worker_id", "pid", "sock", "decoder", "out", "inflight",
-                 "key", "gpus", "idle_since", "dead", "claimed")
+                 "key", "gpus", "idle_since", "dead", "claimed", "raylet")
 
     def __init__(self, lease_id: int, worker_id: bytes, pid: int, sock: socket.socket,
-                 key: tuple, gpus: list[int]) -> None:
+                 key: tuple, gpus: list[int], raylet: _RemoteRaylet | None = None) -> None:
+        self.raylet = raylet  # the raylet that granted it, if not ours
         self.lease_id = lease_id
         self.worker_id = worker_id
         self.pid = pid
@@ -121,13 +123,33 @@ class _Lease:
         self.claimed = False  # a waiting user thread reads this socket itself
 
 
+class _RemoteRaylet:
+    """A TCP connection to another node's raylet, for leases it was spilled to.
+
+    Quacks like a lease for the write path (``sock``, ``out``, ``dead``), so
+    the I/O loop buffers and flushes it the same way.
+    """
+
+    __slots__ = ("address", "node_id", "sock", "decoder", "out", "dead", "claimed")
+
+    def __init__(self, address: str, node_id: bytes, sock: socket.socket) -> None:
+        self.address = address
+        self.node_id = node_id
+        self.sock = sock
+        self.decoder = FrameDecoder()
+        self.out = bytearray()
+        self.dead = False
+        self.claimed = False
+
+
 class _Class:
     """Tasks of one scheduling class, and the leases that serve them."""
 
-    __slots__ = ("demand", "queue", "leases", "requests", "task_time")
+    __slots__ = ("demand", "queue", "leases", "requests", "task_time", "strategy")
 
-    def __init__(self, demand: dict) -> None:
+    def __init__(self, demand: dict, strategy: Any = None) -> None:
         self.demand = demand
+        self.strategy = strategy  # wire form (scheduling_strategies.to_wire), None: DEFAULT
         self.queue: collections.deque[_Task] = collections.deque()
         self.leases: list[_Lease] = []
         self.requests: set[int] = set()
@@ -204,6 +226,9 @@ class CoreWorker:
         self.job_id = job_id
         self._blocked_depth = 0
         self._cancelling: dict[bytes, tuple[_Task, float]] = {}  # tid -> (task, next SIGINT)
+        self._strategies: dict[tuple, Any] = {}  # class key -> strategy, until it is made
+        self._remote_raylets: dict[str, _RemoteRaylet] = {}  # "host:port" -> connection
+        self._lease_at: dict[int, _RemoteRaylet] = {}  # request id -> raylet it went to
 
         conn = Connection.connect_unix(raylet_socket)
         hello = {"t": "hello", "kind": kind, "pid": self.pid, "worker_id": self.worker_id}
@@ -214,6 +239,7 @@ class CoreWorker:
         self.gcs_address: str = reply["gcs_address"]
         self.store_socket: str = reply["store_socket"]
         self.node_resources: dict = reply["resources"]
+        self.store_address: str = reply.get("store_address", "")  # for other nodes' pulls
         self.node_gpus: list = reply.get("gpus", [])
         self._raylet = conn
         self._raylet_ids = conn._next_id
@@ -365,6 +391,9 @@ class CoreWorker:
         for ref, entry in zip(refs, out, strict=False):
             if entry is None:
                 kind, value = self._get_borrowed(ref, deadline)
+            elif entry.buf is None and entry.loc:
+                entry.buf = self._fetch(ref._id, entry.loc, deadline)
+                kind, value = serialization.deserialize_buffer(entry.buf)
             elif entry.buf is not None:
                 kind, value = serialization.deserialize_buffer(entry.buf)
             else:
@@ -437,6 +466,36 @@ class CoreWorker:
                     raise RaySystemError("libclient was shut down")
         finally:
             self._set_blocked(False)
+
+    def fetch_to_node(self, oid: bytes, source: str, deadline: float | None = None) -> None:
+        """Bring an object held by another node's store (``source``) into ours."""
+        if not source or source == self.store_address:
+            return
+        if self.store.contains([oid])[0]:
+            return
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._set_blocked(True)
+        try:
+            self._pull_client().pull(oid, [source], timeout)
+        finally:
+            self._set_blocked(False)
+
+    def _fetch(self, oid: bytes, source: str, deadline: float | None) -> Any:
+        """Pull a remote copy here and pin it; the owner reads it like a local one."""
+        self.fetch_to_node(oid, source, deadline)
+        (buf,) = self.store.get([oid], timeout=0)
+        if buf is None:
+            raise ObjectLostError(f"object {oid.hex()} was evicted right after it was pulled")
+        return buf
+
+    def _pull_client(self) -> Any:
+        # Pulls wait for a transfer; keep them off the store connection that
+        # gets, puts and releases use.
+        if self._store_wait is None:
+            from libclient.store_client import StoreClient
+
+            self._store_wait = StoreClient(self.store_socket, name=f"wait-{self.pid}")
+        return self._store_wait
 
     def _get_borrowed(self, ref: ObjectRef, deadline: float | None) -> tuple[int, Any]:
         """Read an object someone else owns from stored, waiting for it to appear."""
@@ -543,15 +602,20 @@ class CoreWorker:
         return fn
 
     def submit(self, fn_key: bytes, name: str, args: tuple, kwargs: dict, *,
-               num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any
-               ) -> list[ObjectRef]:
+               num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any,
+               strategy: Any = None) -> list[ObjectRef]:
+        # Tasks share leases only with tasks of the same demand and strategy.
+        key = None if strategy is None else ("task", *sorted(demand.items()),
+                                             ("strategy", _strategy_key(strategy)))
         return self._build_call(fn_key, name, args, kwargs, num_returns=num_returns,
                                 demand=demand, max_retries=max_retries,
-                                retry_exceptions=retry_exceptions, key=None, spec=None)
+                                retry_exceptions=retry_exceptions, key=key, spec=None,
+                                strategy=strategy)
 
     def _build_call(self, fn_key: bytes, name: str, args: tuple, kwargs: dict, *,
                     num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any,
-                    key: tuple | None, spec: dict | None) -> list[ObjectRef]:
+                    key: tuple | None, spec: dict | None, strategy: Any = None
+                    ) -> list[ObjectRef]:
         """Make a task, actor call or actor creation; queue it; return its refs."""
         tid = os.urandom(16)
         deps = []
@@ -625,7 +689,9 @@ class CoreWorker:
                 if task.unresolved == 0:
                     self._enqueue(task)
             elif task.unresolved == 0:
-                self._enqueue(task)
+                self._enqueue(task, strategy)
+            elif strategy is not None:
+                self._strategies[key] = strategy
         return out
 
     # ---------------------------------------------------------------- actors
@@ -856,7 +922,7 @@ class CoreWorker:
             self._task_done(task, "FINISHED" if msg.get("ok") else "FAILED")
         self._pump_actor(a)
 
-    def _enqueue(self, task: _Task) -> None:
+    def _enqueue(self, task: _Task, strategy: Any = None) -> None:
         # Called with the lock held and every owned dependency READY.
         if task.key[0] == "actor":
             self._pump_actor(self._actor(task.key[1]))
@@ -881,7 +947,8 @@ class CoreWorker:
             return
         cls = self._classes.get(task.key)
         if cls is None:
-            cls = self._classes[task.key] = _Class(task.demand)
+            cls = self._classes[task.key] = _Class(
+                task.demand, strategy or self._strategies.pop(task.key, None))
         cls.queue.append(task)
         self._pump(cls)
 
@@ -892,8 +959,11 @@ class CoreWorker:
         resolved = []
         for slot, ref in task.deps:
             entry = self._owned.get(ref._id)
-            if entry is None or entry.buf is not None:
-                resolved.append([slot, "s", ref._id, ref.owner_pid])
+            if entry is None or entry.buf is not None or entry.loc:
+                # By id: the worker reads it from its store, pulling it from
+                # the node named here first if it runs elsewhere.
+                loc = entry.loc if entry is not None and entry.loc else self.store_address
+                resolved.append([slot, "s", ref._id, ref.owner_pid, loc])
                 continue
             if entry.wire[0] == serialization.KIND_ERROR:
                 return entry.wire
@@ -921,7 +991,7 @@ class CoreWorker:
             self._request_lease(cls)
         if not cls.queue and cls.requests:
             for rid in cls.requests:
-                self._raylet_send({"t": "cancel_lease", "lease_r": rid})
+                self._send_to(self._lease_at.get(rid), {"t": "cancel_lease", "lease_r": rid})
             cls.requests.clear()  # a grant that still arrives is handed back
 
     def _push(self, lease: _Lease, task: _Task) -> None:
@@ -965,7 +1035,10 @@ class CoreWorker:
         rid = self._raylet_ids
         cls.requests.add(rid)
         self._lease_reqs[rid] = cls
-        self._raylet_send({"t": "lease", "r": rid, "res": cls.demand})
+        msg = {"t": "lease", "r": rid, "res": cls.demand}
+        if cls.strategy is not None:
+            msg["strategy"] = cls.strategy
+        self._raylet_send(msg)
 
     def _raylet_send(self, msg: dict) -> None:
         data = pack(msg)
@@ -1072,6 +1145,8 @@ class CoreWorker:
                 continue
             if ret[0] == "v":
                 entry.wire = ret[1]
+            elif len(ret) > 1 and ret[1] and ret[1] != self.store_address:
+                entry.loc = ret[1]  # on the worker's node; pulled when someone gets it
             else:
                 try:
                     (entry.buf,) = self.store.get([oid], timeout=0)
@@ -1143,45 +1218,137 @@ class CoreWorker:
         cls.queue.appendleft(task)
         self._pump(cls)
 
-    def _on_lease_reply(self, msg: dict) -> None:
+    def _on_lease_reply(self, msg: dict, source: _RemoteRaylet | None = None) -> None:
         rid = msg.get("r")
         actor = self._actor_creates.pop(rid, None)
         if actor is not None:
             self._on_actor_created(actor, msg)
             return
         cls = self._lease_reqs.pop(rid, None)
+        self._lease_at.pop(rid, None)
         if cls is None:
+            if msg.get("ok"):  # granted after we stopped wanting it
+                self._send_to(source, {"t": "return_lease", "lease_id": msg["lease_id"],
+                                       "kill": False})
             return
         cls.requests.discard(rid)
         if not msg.get("ok"):
-            if msg.get("error") != "cancelled":
-                # Infeasible demand, workers that cannot start, a bad request:
-                # fail what waits for this lease rather than hang.
+            error = msg.get("error")
+            if error == "spill" and cls.queue:
+                self._spill(cls, msg)
+            elif error == "rejected" and cls.queue:
+                self._request_lease(cls)  # back to our own raylet, which knows more now
+            elif error != "cancelled" and cls.queue:
+                # Unschedulable (hard affinity to a dead node), workers that
+                # cannot start, a bad request: fail what waits rather than hang.
                 err = _error_wire(RaySystemError(
-                    f"the raylet refused a lease ({msg.get('error')}): {msg.get('msg', '')}"))
+                    f"the raylet refused a lease ({error}): {msg.get('msg', '')}"))
                 while cls.queue:
                     self._finish_error(cls.queue.popleft(), err)
             return
         if not cls.queue:
-            self._raylet_send({"t": "return_lease", "lease_id": msg["lease_id"], "kill": False})
+            self._send_to(source, {"t": "return_lease", "lease_id": msg["lease_id"],
+                                   "kill": False})
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUF)
-            sock.connect(msg["socket"])
+            sock = _connect_worker(msg, remote=source is not None)
         except OSError:
-            sock.close()
-            self._raylet_send({"t": "return_lease", "lease_id": msg["lease_id"], "kill": True})
+            self._send_to(source, {"t": "return_lease", "lease_id": msg["lease_id"],
+                                   "kill": True})
             self._pump(cls)
             return
-        sock.setblocking(False)
         key = next((k for k, c in self._classes.items() if c is cls), None)
         lease = _Lease(msg["lease_id"], msg["worker_id"], msg["pid"], sock, key,
-                       msg.get("gpus") or [])
+                       msg.get("gpus") or [], source)
         cls.leases.append(lease)
         self._sel.register(sock, selectors.EVENT_READ, lease)
         self._pump(cls)
+
+    # ------------------------------------------------------------ spillback
+    def _spill(self, cls: _Class, msg: dict) -> None:
+        """Ask the raylet our raylet named, which grants or queues (never spills again)."""
+        address = msg.get("raylet_address") or ""
+        rr = self._remote_raylet(address, msg.get("node_id") or b"")
+        if rr is None:
+            self._request_lease(cls)  # cannot reach it: our raylet decides again
+            return
+        self._raylet_ids += 1
+        rid = self._raylet_ids
+        cls.requests.add(rid)
+        self._lease_reqs[rid] = cls
+        self._lease_at[rid] = rr
+        req = {"t": "lease", "r": rid, "res": cls.demand, "grant_or_reject": True}
+        if cls.strategy is not None:
+            req["strategy"] = cls.strategy
+        self._write(rr, pack(req))  # type: ignore[arg-type]
+
+    def _remote_raylet(self, address: str, node_id: bytes) -> _RemoteRaylet | None:
+        rr = self._remote_raylets.get(address)
+        if rr is not None and not rr.dead:
+            return rr
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            return None
+        try:
+            sock = socket.create_connection((host, int(port)), timeout=5.0)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            return None
+        sock.setblocking(False)
+        rr = self._remote_raylets[address] = _RemoteRaylet(address, node_id, sock)
+        self._sel.register(sock, selectors.EVENT_READ, rr)
+        self._write(rr, pack({"t": "hello", "kind": "remote", "pid": self.pid,  # type: ignore[arg-type]
+                              "r": 0, "worker_id": self.worker_id}))
+        return rr
+
+    def _read_remote_raylet(self, rr: _RemoteRaylet) -> None:
+        try:
+            data = rr.sock.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        msgs: list[dict] = []
+        if data:
+            rr.decoder.feed(data)
+            try:
+                msgs = rr.decoder.drain()
+            except ProtocolError:
+                data = b""
+        for m in msgs:
+            if m.get("r") != 0:  # 0 is our hello
+                self._on_lease_reply(m, rr)
+        if not data:
+            self._remote_raylet_lost(rr)
+
+    def _remote_raylet_lost(self, rr: _RemoteRaylet) -> None:
+        """Its node is gone (or the link is): ask our own raylet again for what waited there.
+
+        Leases it granted fail through their own worker connections.
+        """
+        if rr.dead:
+            return
+        rr.dead = True
+        self._remote_raylets.pop(rr.address, None)
+        try:
+            self._sel.unregister(rr.sock)
+        except (KeyError, ValueError):
+            pass
+        rr.sock.close()
+        for rid, at in list(self._lease_at.items()):
+            if at is rr:
+                del self._lease_at[rid]
+                cls = self._lease_reqs.pop(rid, None)
+                if cls is not None:
+                    cls.requests.discard(rid)
+                    self._pump(cls)
+
+    def _send_to(self, raylet: _RemoteRaylet | None, msg: dict) -> None:
+        """Send to the raylet a lease or request belongs to (ours if None)."""
+        if raylet is None:
+            self._raylet_send(msg)
+        elif not raylet.dead:
+            self._write(raylet, pack(msg))  # type: ignore[arg-type]
 
     def _lease_failed(self, lease: _Lease, why: str) -> None:
         """The leased worker's socket closed: retry or fail what it was running."""
@@ -1199,7 +1366,8 @@ class CoreWorker:
         cls = self._classes.get(lease.key)
         if cls is not None and lease in cls.leases:
             cls.leases.remove(lease)
-        self._raylet_send({"t": "return_lease", "lease_id": lease.lease_id, "kill": True})
+        self._send_to(lease.raylet, {"t": "return_lease", "lease_id": lease.lease_id,
+                                     "kill": True})
         for task in list(lease.inflight.values()):
             task.lease = None
             if task.cancelled:
@@ -1232,8 +1400,8 @@ class CoreWorker:
                     except (KeyError, ValueError):
                         pass
                     lease.sock.close()
-                    self._raylet_send({"t": "return_lease", "lease_id": lease.lease_id,
-                                       "kill": False})
+                    self._send_to(lease.raylet, {"t": "return_lease",
+                                                 "lease_id": lease.lease_id, "kill": False})
 
     # ------------------------------------------------------------- I/O loop
     def _io_loop(self) -> None:
@@ -1271,6 +1439,8 @@ class CoreWorker:
             elif (isinstance(target, (_Lease, _Actor)) and mask & selectors.EVENT_READ
                   and not target.claimed):
                 self._read_lease(target)
+            elif isinstance(target, _RemoteRaylet) and mask & selectors.EVENT_READ:
+                self._read_remote_raylet(target)
             if mask & selectors.EVENT_WRITE:
                 self._flush_target(target)
         self._update_write_interest()
@@ -1308,7 +1478,7 @@ class CoreWorker:
     def _flush_target(self, target: Any) -> None:
         if target == "raylet":
             buf, sock = self._raylet_out, self._raylet.sock
-        elif isinstance(target, (_Lease, _Actor)) and not target.dead:
+        elif isinstance(target, (_Lease, _Actor, _RemoteRaylet)) and not target.dead:
             buf, sock = target.out, target.sock
         else:
             return
@@ -1421,8 +1591,9 @@ class CoreWorker:
                         lease.sock.close()
                     except OSError:
                         pass
-                    self._raylet_send({"t": "return_lease", "lease_id": lease.lease_id,
-                                       "kill": bool(lease.inflight)})
+                    self._send_to(lease.raylet, {"t": "return_lease",
+                                                 "lease_id": lease.lease_id,
+                                                 "kill": bool(lease.inflight)})
             try:
                 os.write(self._wake_w, b"x")
             except OSError:
@@ -1432,6 +1603,15 @@ class CoreWorker:
                     a.sock.close()
                     a.sock, a.dead = None, True
         self._io.join(timeout=2)
+        for rr in list(self._remote_raylets.values()):
+            try:
+                rr.sock.setblocking(True)
+                rr.sock.settimeout(1.0)
+                if rr.out:
+                    rr.sock.sendall(rr.out)
+            except OSError:
+                pass
+            rr.sock.close()
         if self._actor_sub:
             self._actor_sub.close()
         self._flush_events()
@@ -1504,6 +1684,32 @@ def _actor_died_wire(a: _Actor, cause: str, init_wire: list | None = None) -> li
         except Exception:
             init_error = None
     return _error_wire(ActorDiedError(a.actor_id.hex(), cause, init_error))
+
+
+def _connect_worker(grant: dict, remote: bool) -> socket.socket:
+    """Connect to a leased worker: its Unix socket on our node, TCP on another."""
+    if remote:
+        host, _, port = grant["address"].rpartition(":")
+        sock = socket.create_connection((host, int(port)), timeout=5.0)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(grant["socket"])
+        except OSError:
+            sock.close()
+            raise
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUF)
+    sock.setblocking(False)
+    return sock
+
+
+def _strategy_key(strategy: Any) -> Any:
+    """A hashable form of a strategy's wire form, for scheduling-class keys."""
+    if isinstance(strategy, dict):
+        return tuple(sorted(strategy.items()))
+    return strategy
 
 
 def _pid_alive(pid: int) -> bool:

@@ -229,6 +229,8 @@ class TaskRunner:
             if how == "v":
                 kind, value = serialization.deserialize_wire(dep[2])
             else:
+                if len(dep) > 4:  # arguments arrive on this node before the task runs
+                    self.core.fetch_to_node(dep[2], dep[4])
                 (value,) = self.core.get([ObjectRef(dep[2], dep[3], _count=False)], None)
             if slot == "*":
                 args, kwargs = list(value[0]), value[1]
@@ -271,7 +273,7 @@ class TaskRunner:
                 oid = tid + i.to_bytes(4, "little")
                 buf = core._write_store(oid, ser)
                 del buf  # the owner pins its own copy when it reads the reply
-                rets.append(["s"])
+                rets.append(["s", core.store_address])  # where an owner elsewhere pulls from
         return rets
 
 

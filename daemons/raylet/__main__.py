@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
                       shell.child_env(), python=rconf["worker_python"] or sys.executable,
                       tcp_host=host)
     ncpu = int(resources.get("CPU", 1))
-    raylet = Raylet(listen=listen, tcp_listen=tcp_listen, socket_path=socket_path,
+    raylet = Raylet(listen=listen, tcp_listen=tcp_listen, store_address=info["store_address"],
+                    socket_path=socket_path,
                     node_id=node_id,
                     resources=resources, gpus=gpus, pool=pool,
                     store_socket=store_socket, gcs=gcs,

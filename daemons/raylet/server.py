@@ -17,6 +17,7 @@ Messages handled (``t``):
 from __future__ import annotations
 
 import os
+import random
 import selectors
 import socket
 import time
@@ -25,8 +26,21 @@ from typing import Any
 
 from daemons.raylet import actors as actor_states
 from daemons.raylet.actors import ActorDirectory, ActorRecord, Dead, Restart
+from daemons.raylet.cluster_view import ClusterView
 from daemons.raylet.resources import GpuInstances, ResourceSet
-from daemons.raylet.scheduler import Infeasible, LeaseRequest, LeaseScheduler
+from daemons.raylet.scheduler import (
+    DEFAULT,
+    SPREAD,
+    Grant,
+    Infeasible,
+    InfeasibleQueued,
+    LeaseRequest,
+    LeaseScheduler,
+    NodeAffinity,
+    Rejected,
+    Spill,
+    Unschedulable,
+)
 from daemons.raylet.worker_pool import IDLE, LEASED, STARTING, Worker, WorkerPool
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 from libclient.protocol import field as mfield
@@ -64,7 +78,7 @@ class _Lease:
 
 class Raylet:
     def __init__(self, *, listen: socket.socket, socket_path: str, node_id: bytes,
-                 tcp_listen: socket.socket | None = None,
+                 tcp_listen: socket.socket | None = None, store_address: str = "",
                  resources: dict[str, float], gpus: list[dict[str, Any]], pool: WorkerPool,
                  store_socket: str, gcs: Any, gcs_address: str, log: Any,
                  max_workers: int, wake_fd: int) -> None:
@@ -72,11 +86,16 @@ class Raylet:
         self.socket_path = socket_path
         self.node_id = node_id
         self.total = ResourceSet.of(resources)
-        self.scheduler = LeaseScheduler(self.total)
+        # Every node's resources as gcsd last published them; the policy
+        # grants here, queues, or names another node (spillback).
+        self.view = ClusterView()
+        self.scheduler = LeaseScheduler(self.total, node_id=node_id, view=self.view,
+                                        rng=random.Random(), queue_infeasible=True)
         self.gpu_instances = GpuInstances(int(resources.get("GPU", 0)))
         self.gpus = gpus
         self.pool = pool
         self.store_socket = store_socket
+        self.store_address = store_address  # stored's TCP address, for other nodes
         self.gcs = gcs
         self.gcs_address = gcs_address
         self.log = log
@@ -293,9 +312,11 @@ class Raylet:
 
     def _on_hello(self, conn: _Conn, msg: dict[str, Any]) -> None:
         kind = mfield(msg, "kind", str)
-        if kind not in ("driver", "worker"):
+        if kind not in ("driver", "worker", "remote"):
             raise ProtocolError(f"unknown client kind {kind!r}")
         conn.kind = kind
+        if kind == "worker" and conn.sock.family != socket.AF_UNIX:
+            raise ProtocolError("workers register over the Unix socket only")
         if kind == "worker":
             wid = mfield(msg, "worker_id", bytes)
             worker = self.pool.workers.get(wid)
@@ -308,6 +329,7 @@ class Raylet:
             self.log.info("worker_registered", worker_id=wid.hex(), worker_pid=worker.pid)
         self._send(conn, {"r": mfield(msg, "r", int), "ok": True, "node_id": self.node_id,
                           "store_socket": self.store_socket, "gcs_address": self.gcs_address,
+                          "store_address": self.store_address,
                           "resources": self.total.to_dict(), "gpus": self.gpus})
         if kind == "worker":
             self._schedule()
@@ -315,12 +337,16 @@ class Raylet:
     def _on_lease(self, conn: _Conn, msg: dict[str, Any]) -> None:
         rid = mfield(msg, "r", int)
         res = mfield(msg, "res", dict)
+        locality = mfield(msg, "locality", dict, {})
         try:
             demand = ResourceSet.of(res)
-        except ValueError as exc:
+            req = LeaseRequest(rid, conn.cid, demand, _strategy(msg.get("strategy")),
+                               bool(mfield(msg, "grant_or_reject", bool, False)),
+                               {k: v for k, v in locality.items()
+                                if isinstance(k, bytes) and isinstance(v, int)})
+            result = self.scheduler.submit(req)
+        except (TypeError, ValueError) as exc:
             raise ProtocolError(str(exc)) from None
-        req = LeaseRequest(rid, conn.cid, demand)
-        result = self.scheduler.submit(req)
         if isinstance(result, Infeasible):
             self.log.warning("lease_infeasible", reason=result.reason)
             self._send(conn, {"r": rid, "ok": False, "error": "infeasible",
@@ -346,7 +372,15 @@ class Raylet:
 
     # ---- scheduling -------------------------------------------------------
     def _schedule(self) -> None:
-        for req in self.scheduler.schedule():
+        for decision in self.scheduler.decide(time.monotonic()):
+            req = decision.request
+            if isinstance(decision, InfeasibleQueued):
+                self.log.warning("lease_infeasible", reason=decision.reason,
+                                 demand=req.demand.to_dict())
+                continue
+            if not isinstance(decision, Grant):
+                self._refuse(decision)
+                continue
             conn = self.request_conn.pop((req.client_id, req.request_id), None)
             if req.client_id == _ACTORS:
                 gpus = self.gpu_instances.acquire(req.demand.get("GPU")) or []
@@ -363,6 +397,30 @@ class Raylet:
                 continue
             self.awaiting.append((req, conn, gpus))
         self._assign_workers()
+
+    def _refuse(self, decision: Spill | Unschedulable | Rejected) -> None:
+        """Answer a lease this node will not grant: where to ask instead, or why not."""
+        req = decision.request
+        conn = self.request_conn.pop((req.client_id, req.request_id), None)
+        if req.client_id == _ACTORS:
+            actor_id = self._actor_reqs.pop(req.request_id, None)
+            record = self.actors.actors.get(actor_id) if actor_id else None
+            if record is not None:
+                why = getattr(decision, "reason", "it cannot be placed on this node")
+                self.actors.init_failed(record.actor_id, f"unschedulable: {why}")
+                self._actor_dead(record)
+            return
+        if conn is None or conn.closed:
+            return
+        if isinstance(decision, Spill):
+            row = self.cluster_nodes.get(decision.node_id) or {}
+            self._send(conn, {"r": req.request_id, "ok": False, "error": "spill",
+                              "node_id": decision.node_id,
+                              "raylet_address": row.get("raylet_address", "")})
+        else:
+            kind = "unschedulable" if isinstance(decision, Unschedulable) else "rejected"
+            self._send(conn, {"r": req.request_id, "ok": False, "error": kind,
+                              "msg": decision.reason})
 
     def _assign_workers(self) -> None:
         while self.awaiting:
@@ -478,8 +536,10 @@ class Raylet:
     def _request_actor_lease(self, record: ActorRecord) -> None:
         self._next_actor_req += 1
         self._actor_reqs[self._next_actor_req] = record.actor_id
+        # This raylet manages the actors created through it, so they start here.
         self.scheduler.submit(LeaseRequest(self._next_actor_req, _ACTORS,
-                                           ResourceSet.of(record.demand)))
+                                           ResourceSet.of(record.demand),
+                                           NodeAffinity(self.node_id, soft=False)))
         self._schedule()
 
     def _start_actor(self, req: LeaseRequest, worker: Worker, gpus: list[int]) -> None:
@@ -675,3 +735,28 @@ class Raylet:
             self.log.info("node_joined", node=node_id.hex(),
                           address=row.get("raylet_address", ""))
         self.cluster_nodes[node_id] = row
+        if node_id == self.node_id:
+            return  # the scheduler keeps our own entry
+        try:
+            if row.get("state") != "ALIVE":
+                self.view.mark_dead(node_id)
+            else:
+                self.view.update(node_id, ResourceSet.of(row.get("resources") or {}),
+                                 ResourceSet.of(row.get("available") or {}),
+                                 int(row.get("version") or 0))
+        except (TypeError, ValueError) as exc:
+            self.log.warning("bad_node_row", node=node_id.hex(), error=str(exc))
+            return
+        self._schedule()  # a node that joined or freed up may take queued work
+
+
+def _strategy(wire: Any) -> str | NodeAffinity:
+    """A lease request's ``strategy`` field: None, "DEFAULT", "SPREAD" or
+    ``{node_id, soft}`` (libclient.util.scheduling_strategies.to_wire)."""
+    if wire is None or wire == DEFAULT:
+        return DEFAULT
+    if wire == SPREAD:
+        return SPREAD
+    if isinstance(wire, dict) and isinstance(wire.get("node_id"), bytes):
+        return NodeAffinity(wire["node_id"], bool(wire.get("soft", False)))
+    raise ProtocolError(f"unknown scheduling strategy {wire!r}")
