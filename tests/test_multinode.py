@@ -5,12 +5,17 @@ ports; they share only the head's gcsd, reached over TCP.
 """
 
 import os
+import sys
 import time
 
+import cloudpickle
 import psutil
 import pytest
 
 from libclient.cluster_utils import Cluster
+
+# Workers cannot import this test module: ship its helpers by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +134,155 @@ def test_remote_raylet_port_survives_garbage_and_strangers(cluster):
         return 1
 
     assert ray.get(one.remote(), timeout=30) == 1
+
+
+# ---------------------------------------------------------------- scheduling
+def _node_of():
+    import libclient as ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_spillback_spreads_work_the_local_node_cannot_hold(cluster):
+    import libclient as ray
+
+    @ray.remote(num_cpus=1)
+    def hold(t):
+        time.sleep(t)
+        return _node_of()
+
+    t0 = time.monotonic()
+    nodes = ray.get([hold.remote(0.5) for _ in range(6)], timeout=60)
+    assert len(set(nodes)) >= 2  # the 1-CPU head spilled to the 2-CPU node
+    assert time.monotonic() - t0 < 6 * 0.5
+
+
+def test_placement_by_resources_affinity_and_spread(cluster):
+    import libclient as ray
+    from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
+
+    worker = next(iter(cluster.worker_nodes)).node_id
+    head = cluster.head_node.node_id
+
+    @ray.remote(num_cpus=0)
+    def where():
+        return _node_of()
+
+    assert ray.get(where.options(resources={"accel": 1}).remote(), timeout=60) == worker
+    pinned = [where.options(scheduling_strategy=Affinity(worker)).remote() for _ in range(5)]
+    assert set(ray.get(pinned, timeout=60)) == {worker}
+    pinned = [where.options(scheduling_strategy=Affinity(head)).remote() for _ in range(5)]
+    assert set(ray.get(pinned, timeout=60)) == {head}
+    # A node that does not exist: hard fails at once, soft runs anywhere.
+    with pytest.raises(Exception, match="unschedulable|dead|unknown"):
+        ray.get(where.options(scheduling_strategy=Affinity("ab" * 16)).remote(), timeout=30)
+    soft = where.options(scheduling_strategy=Affinity("ab" * 16, soft=True)).remote()
+    assert ray.get(soft, timeout=60) in {head, worker}
+
+    @ray.remote(num_cpus=1)
+    def busy():
+        time.sleep(0.3)
+        return _node_of()
+
+    spread = ray.get([busy.options(scheduling_strategy="SPREAD").remote() for _ in range(3)],
+                     timeout=60)
+    assert len(set(spread)) == 2
+
+
+def test_nested_tasks_across_nodes(cluster):
+    import libclient as ray
+    from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
+
+    worker = next(iter(cluster.worker_nodes)).node_id
+    head = cluster.head_node.node_id
+
+    @ray.remote(num_cpus=0)
+    def inner(x):
+        return x + 1, _node_of()
+
+    @ray.remote(num_cpus=0)
+    def outer(x):
+        value, ran_on = ray.get(inner.options(scheduling_strategy=Affinity(head)).remote(x))
+        return value, ran_on, _node_of()
+
+    value, inner_node, outer_node = ray.get(
+        outer.options(scheduling_strategy=Affinity(worker)).remote(41), timeout=60)
+    assert (value, inner_node, outer_node) == (42, head, worker)
+
+
+# ---------------------------------------------------------------- objects
+def test_large_objects_in_both_directions(cluster):
+    import numpy as np
+
+    import libclient as ray
+    from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
+
+    worker = next(iter(cluster.worker_nodes)).node_id
+    there = Affinity(worker)
+
+    @ray.remote(num_cpus=0)
+    def make(n, seed):
+        return np.random.default_rng(seed).integers(0, 255, n, dtype=np.uint8)
+
+    @ray.remote(num_cpus=0)
+    def digest(a):
+        return int(a.astype(np.uint64).sum()), a.nbytes, _node_of()
+
+    n = 30_000_000
+    local = np.random.default_rng(1).integers(0, 255, n, dtype=np.uint8)
+    ref = ray.put(local)  # driver -> worker node
+    assert ray.get(digest.options(scheduling_strategy=there).remote(ref), timeout=60) == (
+        int(local.astype(np.uint64).sum()), n, worker)
+    made = make.options(scheduling_strategy=there).remote(n, 2)  # worker node -> driver
+    got = ray.get(made, timeout=60)
+    assert np.array_equal(got, np.random.default_rng(2).integers(0, 255, n, dtype=np.uint8))
+    # A ref made on the worker node, consumed on the head without a driver get.
+    head = cluster.head_node.node_id
+    made = make.options(scheduling_strategy=there).remote(n, 3)
+    total, size, ran_on = ray.get(
+        digest.options(scheduling_strategy=Affinity(head)).remote(made), timeout=60)
+    expected = np.random.default_rng(3).integers(0, 255, n, dtype=np.uint8)
+    assert (total, size, ran_on) == (int(expected.astype(np.uint64).sum()), n, head)
+
+
+# ---------------------------------------------------------------- membership + failure
+def test_infeasible_work_waits_until_a_node_that_fits_joins(cluster):
+    import libclient as ray
+
+    @ray.remote(num_cpus=0, resources={"later": 1})
+    def late():
+        return _node_of()
+
+    ref = late.remote()
+    ready, _ = ray.wait([ref], timeout=1.0)
+    assert ready == []
+    node = cluster.add_node(num_cpus=1, resources={"later": 1})
+    try:
+        assert ray.get(ref, timeout=60) == node.node_id
+    finally:
+        cluster.remove_node(node)
+
+
+def test_a_node_dies_and_its_tasks_retry_elsewhere(cluster, tmp_path):
+    import libclient as ray
+    from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
+
+    doomed = cluster.add_node(num_cpus=1)
+    marker = tmp_path / "started"
+
+    @ray.remote(num_cpus=1, max_retries=2)
+    def slow(path):
+        me = _node_of()
+        with open(path, "a") as f:
+            f.write(me + "\n")
+        time.sleep(2.0)
+        return me
+
+    ref = slow.options(scheduling_strategy=Affinity(doomed.node_id, soft=True)).remote(
+        str(marker))
+    _wait(lambda: marker.exists() and doomed.node_id in marker.read_text(), timeout=30,
+          what="the task to start on the doomed node")
+    cluster.remove_node(doomed, allow_graceful=False)
+    survivor = ray.get(ref, timeout=60)
+    assert survivor != doomed.node_id
+    assert survivor in {n.node_id for n in cluster.list_all_nodes()}
