@@ -11,6 +11,7 @@ from typing import Any
 import cloudpickle
 
 from libclient import api
+from libclient.util.scheduling_strategies import to_wire
 
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "max_task_retries",
                   "max_concurrency", "name", "namespace", "lifetime", "get_if_exists",
@@ -117,7 +118,8 @@ class ActorClass:
                 "detached": opts.get("lifetime") == "detached",
                 "max_restarts": opts.get("max_restarts", 0),
                 "max_concurrency": opts.get("max_concurrency"), "is_async": meta["is_async"],
-                "meta": {**meta, "max_task_retries": retries}}
+                "meta": {**meta, "max_task_retries": retries},
+                "strategy": to_wire(opts.get("scheduling_strategy"))}
         key = self._key(core)
         if name:
             # Once .remote() returns, the name resolves to this actor, which

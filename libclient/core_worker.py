@@ -170,7 +170,8 @@ class _Actor:
 
     __slots__ = ("actor_id", "state", "sock", "decoder", "out", "inflight", "queue", "dead",
                  "pid", "socket_path", "lost_pid", "dead_wire", "create_task", "next_poll",
-                 "key", "claimed", "handles", "scoped", "escaped", "released")
+                 "key", "claimed", "handles", "scoped", "escaped", "released",
+                 "node_id", "address", "raylet", "create_msg")
 
     def __init__(self, actor_id: bytes) -> None:
         self.actor_id = actor_id
@@ -193,6 +194,10 @@ class _Actor:
         self.scoped = False  # created here, unnamed, not detached: dies with its handles
         self.escaped = False  # a handle was pickled: others may call it
         self.released = False
+        self.node_id = b""  # the node it runs on; callers elsewhere use TCP
+        self.address = ""  # its worker's "host:port"
+        self.raylet: _RemoteRaylet | None = None  # the raylet managing it, if not ours
+        self.create_msg: dict | None = None  # kept until placed (it may be spilled)
 
 
 class CoreWorker:
@@ -744,8 +749,25 @@ class CoreWorker:
     def _maybe_end_actor(self, a: _Actor) -> None:
         if a.released and not a.queue and not a.inflight and a.state != "DEAD":
             a.released = False
-            self._raylet_send({"t": "kill_actor", "actor_id": a.actor_id, "no_restart": True,
-                               "cause": "all handles to the actor went out of scope"})
+            self._send_to(self._actor_raylet(a), {
+                "t": "kill_actor", "actor_id": a.actor_id, "no_restart": True,
+                "cause": "all handles to the actor went out of scope"})
+
+    def _actor_raylet(self, a: _Actor | None) -> _RemoteRaylet | None:
+        """The raylet that manages an actor: the one that placed it (None: ours)."""
+        if a is None or not a.node_id or a.node_id == self.node_id:
+            return a.raylet if a is not None else None
+        if a.raylet is not None and not a.raylet.dead:
+            return a.raylet
+        try:
+            rows = self.gcs.get_nodes()
+        except Exception:
+            return None
+        row = next((r for r in rows if r.get("node_id") == a.node_id), None)
+        if row is None or row.get("state") != "ALIVE":
+            return None
+        a.raylet = self._remote_raylet(row.get("raylet_address", ""), a.node_id)
+        return a.raylet
 
     def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
         """Kill an actor: the raylet ends its process, and from now on no call
@@ -756,8 +778,9 @@ class CoreWorker:
         could overtake it and run.
         """
         with self._lock:
-            self._raylet_send({"t": "kill_actor", "actor_id": actor_id, "no_restart": no_restart})
             a = self._actors.get(actor_id)
+            self._send_to(self._actor_raylet(a), {"t": "kill_actor", "actor_id": actor_id,
+                                                  "no_restart": no_restart})
             if a is None or a.state == "DEAD":
                 return
             create = a.create_task
@@ -811,16 +834,13 @@ class CoreWorker:
             self._write(a, pack(task.msg))  # type: ignore[arg-type]
 
     def _actor_connect(self, a: _Actor) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        remote = bool(a.node_id) and a.node_id != self.node_id and bool(a.address)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
-            sock.connect(a.socket_path)
-        except OSError:
-            sock.close()
+            sock = _connect_worker({"address": a.address, "socket": a.socket_path}, remote)
+        except (OSError, ValueError):
             a.lost_pid = a.pid
             self._watch_actor(a)
             return
-        sock.setblocking(False)
         a.sock, a.dead, a.decoder, a.out = sock, False, FrameDecoder(), bytearray()
         self._sel.register(sock, selectors.EVENT_READ, a)
 
@@ -852,6 +872,7 @@ class CoreWorker:
             if a.sock is not None and a.pid != rec.get("pid"):
                 self._actor_conn_lost(a, "the actor restarted")
             a.state, a.pid, a.socket_path = "ALIVE", rec.get("pid", 0), rec.get("socket", "")
+            a.node_id, a.address = rec.get("node_id") or b"", rec.get("address") or ""
             a.next_poll = 0.0
             self._pump_actor(a)
         elif state == "DEAD":
@@ -900,20 +921,43 @@ class CoreWorker:
                 if note is None:
                     break
                 self._on_actor_record(note.get("value"))
+        dead_nodes: set[bytes] | None = None
         for a in list(self._actors.values()):
             if a.next_poll and now >= a.next_poll:
                 a.next_poll = now + 0.25
                 try:
-                    self._on_actor_record(self.gcs.table_get("actors", a.actor_id))
+                    rec = self.gcs.table_get("actors", a.actor_id)
+                    if (isinstance(rec, dict) and rec.get("state") == "ALIVE"
+                            and rec.get("pid") == a.lost_pid and rec.get("node_id")
+                            and rec["node_id"] != self.node_id):
+                        # Nobody is left to publish its death if its node died.
+                        if dead_nodes is None:
+                            dead_nodes = {n["node_id"] for n in self.gcs.get_nodes()
+                                          if n.get("state") != "ALIVE"}
+                        if rec["node_id"] in dead_nodes:
+                            rec = {**rec, "state": "DEAD", "death_cause":
+                                   f"the actor's node {rec['node_id'].hex()} died"}
+                    self._on_actor_record(rec)
                 except Exception:
                     pass
 
     def _on_actor_created(self, a: _Actor, msg: dict) -> None:
+        if msg.get("error") == "spill" and a.state != "DEAD" and a.create_msg is not None:
+            rr = self._remote_raylet(msg.get("raylet_address") or "", msg.get("node_id") or b"")
+            if rr is not None:  # that node's raylet places and manages it
+                self._raylet_ids += 1
+                a.raylet = rr
+                a.create_msg = {**a.create_msg, "r": self._raylet_ids, "grant_or_reject": True}
+                self._actor_creates[self._raylet_ids] = a
+                self._write(rr, pack(a.create_msg))  # type: ignore[arg-type]
+                return
+        a.create_msg = None
         task, a.create_task = a.create_task, None
         if a.state == "DEAD":
             pass  # killed here while its creation was in flight
         elif msg.get("ok"):
             a.state, a.pid, a.socket_path = "ALIVE", msg["pid"], msg["socket"]
+            a.node_id, a.address = msg.get("node_id") or b"", msg.get("address") or ""
         else:
             a.state = "DEAD"
             a.dead_wire = _actor_died_wire(a, msg.get("msg", msg.get("error", "")),
@@ -942,8 +986,11 @@ class CoreWorker:
             m = task.msg
             spec = {"cls": m["fn"], "args": m["args"], "deps": m.get("deps"),
                     "job": self.job_id, **{k: m[k] for k in _ACTOR_SPEC_KEYS if k in m}}
-            self._raylet_send({"t": "create_actor", "r": self._raylet_ids,
-                               "actor_id": a.actor_id, "res": task.demand, "spec": spec})
+            a.create_msg = {"t": "create_actor", "r": self._raylet_ids, "actor_id": a.actor_id,
+                            "res": task.demand, "spec": spec}
+            if m.get("strategy") is not None:
+                a.create_msg["strategy"] = m["strategy"]
+            self._raylet_send(a.create_msg)
             return
         cls = self._classes.get(task.key)
         if cls is None:

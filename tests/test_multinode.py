@@ -286,3 +286,64 @@ def test_a_node_dies_and_its_tasks_retry_elsewhere(cluster, tmp_path):
     survivor = ray.get(ref, timeout=60)
     assert survivor != doomed.node_id
     assert survivor in {n.node_id for n in cluster.list_all_nodes()}
+
+
+# ---------------------------------------------------------------- actors
+def test_actors_on_another_node_called_from_every_node(cluster):
+    import libclient as ray
+    from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
+
+    worker = next(iter(cluster.worker_nodes)).node_id
+    head = cluster.head_node.node_id
+
+    @ray.remote(num_cpus=0)
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def inc(self):
+            self.n += 1
+            return self.n, _node_of()
+
+    c = Counter.options(scheduling_strategy=Affinity(worker)).remote()
+    assert ray.get([c.inc.remote() for _ in range(50)], timeout=60)[-1] == (50, worker)
+    by_resource = Counter.options(resources={"accel": 1}).remote()
+    assert ray.get(by_resource.inc.remote(), timeout=60) == (1, worker)
+
+    @ray.remote(num_cpus=0)
+    def call(h, k):
+        return [ray.get(h.inc.remote())[0] for _ in range(k)]
+
+    # Callers on both nodes; each caller's calls stay in order.
+    from_head = call.options(scheduling_strategy=Affinity(head)).remote(c, 20)
+    from_worker = call.options(scheduling_strategy=Affinity(worker)).remote(c, 20)
+    for seq in ray.get([from_head, from_worker], timeout=60):
+        assert seq == sorted(seq) and len(seq) == 20
+    assert ray.get(c.inc.remote(), timeout=30)[0] == 91
+    named = Counter.options(name="remote-named", scheduling_strategy=Affinity(worker)).remote()
+    assert ray.get(ray.get_actor("remote-named").inc.remote(), timeout=30) == (1, worker)
+    ray.kill(c)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(c.inc.remote(), timeout=30)
+    ray.kill(named)
+    ray.kill(by_resource)
+
+
+def test_actor_on_a_dead_node_fails_instead_of_hanging(cluster):
+    import libclient as ray
+    from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
+
+    doomed = cluster.add_node(num_cpus=1)
+
+    @ray.remote(num_cpus=0)
+    class Pinger:
+        def ping(self):
+            return _node_of()
+
+    p = Pinger.options(scheduling_strategy=Affinity(doomed.node_id)).remote()
+    assert ray.get(p.ping.remote(), timeout=60) == doomed.node_id
+    cluster.remove_node(doomed, allow_graceful=False)
+    t0 = time.monotonic()
+    with pytest.raises(ray.exceptions.RayActorError, match="node"):
+        ray.get(p.ping.remote(), timeout=30)
+    assert time.monotonic() - t0 < 15  # node timeout 2 s here

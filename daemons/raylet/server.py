@@ -115,6 +115,8 @@ class Raylet:
         self.request_conn: dict[tuple[int, int], _Conn] = {}
         self.actors = ActorDirectory()
         self._actor_reqs: dict[int, bytes] = {}  # lease request id -> actor id
+        # Creations not yet placed: actor id -> (creator's conn, its request id).
+        self._actor_creators: dict[bytes, tuple[_Conn, int]] = {}
         self._next_actor_req = 0
         self.last_loop = time.monotonic()
         self._next_cid = 0
@@ -344,6 +346,7 @@ class Raylet:
                                bool(mfield(msg, "grant_or_reject", bool, False)),
                                {k: v for k, v in locality.items()
                                 if isinstance(k, bytes) and isinstance(v, int)})
+            self._know_target(req.strategy)
             result = self.scheduler.submit(req)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(str(exc)) from None
@@ -354,6 +357,13 @@ class Raylet:
             return
         self.request_conn[(conn.cid, rid)] = conn
         self._schedule()
+
+    def _know_target(self, strategy: Any) -> None:
+        """Affinity to a node we have not heard of may be to one that just joined:
+        read gcsd's node table before the policy calls it unknown."""
+        if (isinstance(strategy, NodeAffinity) and strategy.node_id not in self.view
+                and strategy.node_id != self.node_id and self.gcs is not None):
+            self._load_nodes()
 
     def _on_blocked(self, conn: _Conn, blocked: bool) -> None:
         worker = conn.worker
@@ -405,10 +415,20 @@ class Raylet:
         if req.client_id == _ACTORS:
             actor_id = self._actor_reqs.pop(req.request_id, None)
             record = self.actors.actors.get(actor_id) if actor_id else None
-            if record is not None:
-                why = getattr(decision, "reason", "it cannot be placed on this node")
-                self.actors.init_failed(record.actor_id, f"unschedulable: {why}")
-                self._actor_dead(record)
+            creator = self._actor_creators.pop(actor_id, None) if actor_id else None
+            if record is None:
+                return
+            if isinstance(decision, Spill) and creator is not None and not creator[0].closed:
+                # Another node will host (and manage) it: the creator asks there.
+                del self.actors.actors[record.actor_id]
+                row = self.cluster_nodes.get(decision.node_id) or {}
+                self._send(creator[0], {"r": creator[1], "ok": False, "error": "spill",
+                                        "node_id": decision.node_id,
+                                        "raylet_address": row.get("raylet_address", "")})
+                return
+            why = getattr(decision, "reason", "it cannot be placed on this node")
+            self.actors.init_failed(record.actor_id, f"unschedulable: {why}")
+            self._actor_dead(record)
             return
         if conn is None or conn.closed:
             return
@@ -520,7 +540,10 @@ class Raylet:
             record = self.actors.create(actor_id, spec, res, conn.cid, rid)
         except ValueError as exc:
             raise ProtocolError(str(exc)) from None
-        if not demand.fits_in(self.total):
+        grant_or_reject = bool(mfield(msg, "grant_or_reject", bool, False))
+        strategy = _strategy(msg.get("strategy"))
+        self._know_target(strategy)
+        if grant_or_reject and not demand.fits_in(self.total):
             self.actors.init_failed(actor_id, f"infeasible: needs {res}, node has "
                                               f"{self.total.to_dict()}")
             self._publish_actor(record)
@@ -530,16 +553,20 @@ class Raylet:
             return
         self.log.info("actor_created", actor_id=actor_id.hex(),
                       class_name=spec.get("class_name", ""))
-        self._publish_actor(record)
-        self._request_actor_lease(record)
+        self._actor_creators[actor_id] = (conn, rid)
+        self._request_actor_lease(record, strategy, grant_or_reject)
 
-    def _request_actor_lease(self, record: ActorRecord) -> None:
+    def _request_actor_lease(self, record: ActorRecord, strategy: Any = None,
+                             grant_or_reject: bool = True) -> None:
+        """Place an actor. A creation may be spilled to another node's raylet,
+        which then manages it; a restart stays on this node (``strategy`` None)."""
         self._next_actor_req += 1
         self._actor_reqs[self._next_actor_req] = record.actor_id
-        # This raylet manages the actors created through it, so they start here.
+        if strategy is None:
+            strategy, grant_or_reject = NodeAffinity(self.node_id, soft=False), True
         self.scheduler.submit(LeaseRequest(self._next_actor_req, _ACTORS,
-                                           ResourceSet.of(record.demand),
-                                           NodeAffinity(self.node_id, soft=False)))
+                                           ResourceSet.of(record.demand), strategy,
+                                           grant_or_reject))
         self._schedule()
 
     def _start_actor(self, req: LeaseRequest, worker: Worker, gpus: list[int]) -> None:
@@ -550,6 +577,8 @@ class Raylet:
             return
         worker.actor_id = record.actor_id
         record.worker_id = worker.worker_id
+        if self._actor_creators.pop(record.actor_id, None) is not None:
+            self._publish_actor(record)  # placed here: this raylet manages it now
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(worker.socket_path)
@@ -629,6 +658,7 @@ class Raylet:
             self._actor_dead(record)
 
     def _actor_dead(self, record: ActorRecord) -> None:
+        self._actor_creators.pop(record.actor_id, None)
         self.log.info("actor_dead", actor_id=record.actor_id.hex(), cause=record.death_cause)
         self._publish_actor(record)
         self._answer_creator(record, {"ok": False, "error": "actor_died",
