@@ -314,7 +314,7 @@ class CoreWorker:
     def _new_owned(self, oid: bytes) -> ObjectRef:
         entry = _Entry()
         self._owned[oid] = entry
-        return ObjectRef(oid, self.pid)
+        return ObjectRef(oid, self.pid, self.store_address)
 
     # ------------------------------------------------------------------- put
     def put(self, value: Any) -> ObjectRef:
@@ -355,6 +355,11 @@ class CoreWorker:
 
     def _promote(self, oid: bytes, entry: _Entry) -> None:
         """Make an owned object readable by other processes (copy it to stored)."""
+        if entry.buf is None and entry.loc:
+            # Borrowers look for it on the owner's node: bring it here first.
+            # (Blocks this thread for the transfer; a later issue makes it async.)
+            entry.buf = self._fetch(oid, entry.loc, None)
+            return
         if entry.buf is not None or entry.wire is None:
             return
         kind, meta, bufs = entry.wire
@@ -505,9 +510,41 @@ class CoreWorker:
     def _get_borrowed(self, ref: ObjectRef, deadline: float | None) -> tuple[int, Any]:
         """Read an object someone else owns from stored, waiting for it to appear."""
         (buf,) = self.store.get([ref._id], timeout=0)
+        if buf is None and ref.owner_addr and ref.owner_addr != self.store_address:
+            self._pull_from_owner(ref, deadline)
+            (buf,) = self.store.get([ref._id], timeout=0)
         if buf is None:
             buf = self._wait_store(ref, deadline)
         return serialization.deserialize_buffer(buf)
+
+    def _pull_from_owner(self, ref: ObjectRef, deadline: float | None) -> None:
+        """Pull a borrowed object from its owner's node, waiting until the owner
+        has stored it; give up when gcsd says that node died."""
+        next_check = time.monotonic() + 2.0
+        while True:
+            try:
+                step = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if step <= 0:
+                    raise GetTimeoutError(f"get of {ref.hex()} timed out")
+                self.fetch_to_node(ref._id, ref.owner_addr, time.monotonic() + step)
+                return
+            except (ObjectLostError, GetTimeoutError):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise GetTimeoutError(f"get of {ref.hex()} timed out") from None
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 2.0
+                if not self._store_address_alive(ref.owner_addr):
+                    raise OwnerDiedError(f"object {ref.hex()} was lost: its owner's node "
+                                         f"({ref.owner_addr}) died")
+            time.sleep(0.05)
+
+    def _store_address_alive(self, address: str) -> bool:
+        try:
+            nodes = self.gcs.get_nodes()
+        except Exception:
+            return True  # cannot tell: keep waiting
+        return any(n.get("store_address") == address and n.get("state") == "ALIVE"
+                   for n in nodes)
 
     def _wait_store(self, ref: ObjectRef, deadline: float | None) -> Any:
         if self._store_wait is None:
@@ -525,7 +562,8 @@ class CoreWorker:
                 (buf,) = self._store_wait.get([ref._id], timeout=step)
                 if buf is not None:
                     return buf
-                if ref.owner_pid and not _pid_alive(ref.owner_pid):
+                local_owner = not ref.owner_addr or ref.owner_addr == self.store_address
+                if ref.owner_pid and local_owner and not _pid_alive(ref.owner_pid):
                     (buf,) = self._store_wait.get([ref._id], timeout=0)
                     if buf is not None:
                         return buf

@@ -22,11 +22,15 @@ _collect = threading.local()
 class ObjectRef:
     """A handle on an object that a task will produce or that ``put`` stored."""
 
-    __slots__ = ("_id", "_owner_pid", "_counted", "__weakref__")
+    __slots__ = ("_id", "_owner_pid", "_owner_addr", "_counted", "__weakref__")
 
-    def __init__(self, oid: bytes, owner_pid: int = 0, *, _count: bool = True) -> None:
+    def __init__(self, oid: bytes, owner_pid: int = 0, owner_addr: str = "", *,
+                 _count: bool = True) -> None:
         self._id = oid
         self._owner_pid = owner_pid
+        # The owner's node's store ("host:port"): where a borrower on another
+        # node pulls the object from once the owner has stored it.
+        self._owner_addr = owner_addr
         self._counted = False
         if _count and _incref is not None:
             _incref(oid)
@@ -41,6 +45,10 @@ class ObjectRef:
     @property
     def owner_pid(self) -> int:
         return self._owner_pid
+
+    @property
+    def owner_addr(self) -> str:
+        return self._owner_addr
 
     def __repr__(self) -> str:
         return f"ObjectRef({self._id.hex()})"
@@ -59,12 +67,12 @@ class ObjectRef:
         refs = getattr(_collect, "refs", None)
         if refs is not None:
             refs.append(self)
-        return (_rebuild, (self._id, self._owner_pid))
+        return (_rebuild, (self._id, self._owner_pid, self._owner_addr))
 
     # Let `await ref` style code fail loudly rather than oddly.
     def __await__(self) -> Any:
         raise TypeError("awaiting ObjectRefs is not supported yet; use libclient.get")
 
 
-def _rebuild(oid: bytes, owner_pid: int) -> ObjectRef:
-    return ObjectRef(oid, owner_pid)
+def _rebuild(oid: bytes, owner_pid: int, owner_addr: str = "") -> ObjectRef:
+    return ObjectRef(oid, owner_pid, owner_addr)

@@ -231,7 +231,8 @@ class TaskRunner:
             else:
                 if len(dep) > 4:  # arguments arrive on this node before the task runs
                     self.core.fetch_to_node(dep[2], dep[4])
-                (value,) = self.core.get([ObjectRef(dep[2], dep[3], _count=False)], None)
+                where = dep[4] if len(dep) > 4 else ""
+                (value,) = self.core.get([ObjectRef(dep[2], dep[3], where, _count=False)], None)
             if slot == "*":
                 args, kwargs = list(value[0]), value[1]
             elif isinstance(slot, int):

@@ -347,3 +347,30 @@ def test_actor_on_a_dead_node_fails_instead_of_hanging(cluster):
     with pytest.raises(ray.exceptions.RayActorError, match="node"):
         ray.get(p.ping.remote(), timeout=30)
     assert time.monotonic() - t0 < 15  # node timeout 2 s here
+
+
+def test_refs_nested_in_values_are_read_on_other_nodes(cluster):
+    import numpy as np
+
+    import libclient as ray
+    from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
+
+    worker = next(iter(cluster.worker_nodes)).node_id
+    head = cluster.head_node.node_id
+
+    @ray.remote(num_cpus=0)
+    def make(n):
+        return np.full(n, 7, dtype=np.uint8)
+
+    @ray.remote(num_cpus=0)
+    def total(refs):
+        return sum(int(a.sum()) for a in ray.get(refs)), _node_of()
+
+    put_ref = ray.put(np.full(2_000_000, 3, dtype=np.uint8))  # owned by the driver
+    made = make.options(scheduling_strategy=Affinity(worker)).remote(1_000_000)  # lives there
+    out = ray.get(total.options(scheduling_strategy=Affinity(worker)).remote([put_ref, made]),
+                  timeout=60)
+    assert out == (6_000_000 + 7_000_000, worker)
+    out = ray.get(total.options(scheduling_strategy=Affinity(head)).remote([put_ref, made]),
+                  timeout=60)
+    assert out == (6_000_000 + 7_000_000, head)
