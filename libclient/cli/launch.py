@@ -218,8 +218,9 @@ def run_start(ns: argparse.Namespace) -> int:
             except ValueError as exc:
                 raise common.CliError(f"--address {exc}", 2) from None
         launcher.start("stored", [*common_args, "--node-id", node_id])
+        head = ["--set", "raylet.head=true"] if ns.head else []
         ready = launcher.start("raylet", [*common_args, "--node-id", node_id,
-                                          "--gcs-address", gcs_address])
+                                          "--gcs-address", gcs_address, *head])
     except BaseException:
         launcher.stop_all()
         raise
