@@ -168,6 +168,14 @@ def gcs_address(value: str) -> str:
     return address
 
 
+def _listen_address(value: Any, text: bool) -> str:
+    """``host:port`` to bind, port 0 meaning any free port (``[v6]:port`` too)."""
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})", _string(value, text))
+    if not m or int(m.group(2)) > 65535:
+        raise ValueError(f"must be host:port like '0.0.0.0:7070' (port 0: any), got {value!r}")
+    return value
+
+
 def _members(value: Any, text: bool) -> list[str]:
     if text and isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
@@ -237,6 +245,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "memory": Key(_bytes(1), None, "arena capacity (bytes, '8G'); default 30% of RAM"),
         "spill_dir": Key(_path, None, "spill directory; default <state_dir>/spill"),
         "prefault": Key(_bytes(0), 0, "pre-fault this many arena bytes after start"),
+        "transfer_address": Key(_listen_address, "127.0.0.1:0",
+                                "TCP host:port other stores pull objects from; port 0: any "
+                                "free port"),
     },
     "raylet": {
         "socket": Key(_path, None, "default <runtime_dir>/raylet.sock"),

@@ -29,7 +29,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from libclient.exceptions import ObjectStoreFullError
+from libclient.exceptions import GetTimeoutError, ObjectLostError, ObjectStoreFullError
 from libclient.protocol import Connection, ProtocolError, pack_many
 
 # Same bound as stored's messages.MAX_OIDS: longer release batches are split.
@@ -194,6 +194,38 @@ class StoreClient:
             out.append(pa.foreign_buffer(self._base + off, size,
                                          base=_Pin(oid, self._releases)))
         return out
+
+    def pull(self, oid: bytes, sources: list[str], timeout: float | None = None) -> int:
+        """Have stored copy ``oid`` here from other nodes' stores; return its size.
+
+        stored fetches it over TCP from the first of ``sources`` (transfer
+        addresses, ``"host:port"``, best first) that has it, moving to the
+        next if one fails, and answers once the copy is sealed here (at once
+        if it already is). Requests for the same object share one transfer.
+        The copy is not pinned: ``get`` it to read it, and LRU may evict it
+        once nobody holds it. Holds this client's lock while waiting.
+
+        Args:
+            timeout: seconds to wait; None waits as long as sources make progress.
+
+        Raises:
+            ObjectLostError: no source had the object, or every source failed.
+            ObjectStoreFullError: the object is bigger than this store.
+            GetTimeoutError: ``timeout`` passed first (the pull is cancelled if
+                nobody else waits for it).
+            StoreError: ``bad_request`` (a malformed source address, ...).
+        """
+        msg: dict[str, Any] = {"t": "pull", "oid": oid, "sources": list(sources)}
+        if timeout is not None:
+            msg["timeout"] = max(0.0, float(timeout))
+        try:
+            return int(self._call(msg)["size"])
+        except StoreError as exc:
+            if exc.code == "lost":
+                raise ObjectLostError(str(exc)) from None
+            if exc.code == "timeout":
+                raise GetTimeoutError(str(exc)) from None
+            raise
 
     def release(self, oids: list[bytes]) -> None:
         """Drop one pin per id (the creation pin, typically); sent with the next request."""

@@ -149,7 +149,8 @@ def test_daemon_reads_config_from_environment(tmp_path):
     env = dict(os.environ, SHOAL_CONFIG=path, SHOAL_LOG_DESTINATION=str(tmp_path / "logs"))
     proc, ready = start_daemon("stored", [], tmp_path / "stderr.txt", env=env)
     try:
-        assert ready == {"socket": f"{tmp_path}/run/stored.sock", "capacity": 4 << 20}
+        assert ready == {"socket": f"{tmp_path}/run/stored.sock", "capacity": 4 << 20,
+                         "transfer_address": ready["transfer_address"]}
     finally:
         assert stop(proc) == 0
     events = check_log_text((tmp_path / "logs" / "stored.log").read_text())

@@ -88,7 +88,9 @@ def no_new_dev_shm():
 @pytest.fixture
 def stored(tmp_path):
     s = _spawn(tmp_path, "--memory", str(512 * MiB))
-    assert s.ready == {"socket": s.sock, "capacity": 512 * MiB}
+    assert s.ready == {"socket": s.sock, "capacity": 512 * MiB,
+                       "transfer_address": s.ready["transfer_address"]}
+    assert s.ready["transfer_address"].startswith("127.0.0.1:")  # the default, port 0
     yield s
     s.stop()
 

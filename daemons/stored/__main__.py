@@ -1,10 +1,14 @@
 """``stored``: the per-node shared-memory object store daemon.
 
     stored [--config /etc/shoal/shoal.toml] [--socket PATH] [--memory BYTES] [--node-id HEX]
-           [--prefault BYTES] [--set SECTION.KEY=VALUE] [--log-level info]
+           [--prefault BYTES] [--transfer-address HOST:PORT] [--transfer-timeout SECONDS]
+           [--set SECTION.KEY=VALUE] [--log-level info]
            [--log-destination stderr|DIR] [--ready-fd FD]
 
-Settings come from the host config (docs/operations.md); flags win.
+Settings come from the host config (docs/operations.md); flags win. The
+ready line is JSON: ``{"socket", "capacity", "transfer_address"}``, the last
+being the ``host:port`` other stores pull from (the bound port when the
+config asks for port 0, and ``[node] address`` when it binds a wildcard).
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import ipaddress
 import json
 import mmap
 import os
+import selectors
+import socket
 import sys
 import threading
 import time
@@ -23,6 +30,8 @@ from typing import Any
 import psutil
 
 from daemons import sdnotify, shell
+from daemons.stored.peers import TransferShell
+from daemons.stored.pull import PullManager
 from daemons.stored.server import StoreServer
 from daemons.stored.store import ObjectTable
 
@@ -39,6 +48,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                                     "default 30%% of RAM ([stored] memory)")
     p.add_argument("--node-id", help="hex node id, for log lines ([node] id)")
     p.add_argument("--prefault", help="pre-fault the first N bytes of the arena after start")
+    p.add_argument("--transfer-address", metavar="HOST:PORT",
+                   help="TCP address other stores pull objects from; port 0 picks a free "
+                        "one ([stored] transfer_address, default 127.0.0.1:0)")
+    p.add_argument("--transfer-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="drop a transfer peer silent this long (default 10)")
     shell.add_config_flags(p)
     return p.parse_args(argv)
 
@@ -46,7 +60,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 def _settings(ns: argparse.Namespace) -> shell.HostConfig:
     """The host config with our flags on top; fills in the default capacity."""
     conf = shell.resolve_config(ns, {"stored.socket": ns.socket, "stored.memory": ns.memory,
-                                     "node.id": ns.node_id, "stored.prefault": ns.prefault})
+                                     "node.id": ns.node_id, "stored.prefault": ns.prefault,
+                                     "stored.transfer_address": ns.transfer_address})
+    if not ns.transfer_timeout > 0:
+        raise shell.ConfigError(f"--transfer-timeout must be > 0, got {ns.transfer_timeout}")
     if conf["stored"]["memory"] is None:
         conf["stored"]["memory"] = int(psutil.virtual_memory().total * DEFAULT_MEMORY_FRACTION)
     return conf
@@ -83,6 +100,31 @@ def _prefault(mm: mmap.mmap, fd: int, nbytes: int, log: Any) -> None:
         return
     log.info("prefault_done", bytes=nbytes, method=method,
              seconds=round(time.monotonic() - start, 3))
+
+
+def _bind_transfer(address: str, node_address: str) -> tuple[socket.socket, str]:
+    """Listen for other stores on ``address``; return the socket and how to reach it.
+
+    Raises:
+        OSError: the address cannot be resolved or bound.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    bound_host, bound_port = sock.getsockname()[:2]
+    if ipaddress.ip_address(bound_host).is_unspecified:
+        bound_host = node_address  # a wildcard is no address for another host
+    reach = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+    return sock, reach
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,14 +164,31 @@ def main(argv: list[str] | None = None) -> None:
         shell.fail(log, f"cannot listen on {path}: {exc}")
         return
     ino = os.stat(path).st_ino
+    try:
+        tlisten, transfer_address = _bind_transfer(conf["stored"]["transfer_address"],
+                                                   conf["node"]["address"])
+    except (OSError, ValueError) as exc:
+        listen.close()
+        os.unlink(path)
+        shell.fail(log, f"cannot listen for transfers on "
+                        f"{conf['stored']['transfer_address']}: {exc}")
+        return
     table = ObjectTable(capacity, arena_size)
-    server = StoreServer(listen, table, arena_fd, log, node_id=conf["node"]["id"])
+
+    def transfer(sel: selectors.BaseSelector, deliver: Any) -> TransferShell:
+        pulls = PullManager(table.capacity, stall_timeout=ns.transfer_timeout)
+        return TransferShell(tlisten, transfer_address, table, arena, sel, log, deliver, pulls,
+                             timeout=ns.transfer_timeout)
+
+    server = StoreServer(listen, table, arena_fd, log, node_id=conf["node"]["id"],
+                         transfer=transfer)
     interval = sdnotify.watchdog_interval()
     if interval is not None:  # the idle loop must turn often enough to feed the watchdog
         server.max_wait_s = min(server.max_wait_s, interval / 2)
     log.info("stored_started", socket=path, capacity=table.capacity, arena_size=arena_size,
-             prefault=prefault, config=conf.path)
-    shell.notify_ready(ns.ready_fd, json.dumps({"socket": path, "capacity": table.capacity}))
+             prefault=prefault, transfer_address=transfer_address, config=conf.path)
+    shell.notify_ready(ns.ready_fd, json.dumps({"socket": path, "capacity": table.capacity,
+                                                "transfer_address": transfer_address}))
     watchdog = sdnotify.start_watchdog(lambda: server.last_loop, log)
     if prefault:
         threading.Thread(target=_prefault, name="prefault", daemon=True,

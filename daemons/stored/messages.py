@@ -8,6 +8,8 @@ of an exception deep inside the store.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,10 @@ MAX_OID_LEN = 64
 # MAX_FRAME anyway; this keeps one request's work (and its reply) bounded.
 MAX_OIDS = 100_000
 MAX_NAME_LEN = 256
+# A pull names the few nodes that hold a copy; 64 is more than any placement
+# keeps, and bounds the work of one request.
+MAX_SOURCES = 64
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]{1,253}):([0-9]{1,5})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,16 @@ class Stats:
     r: int
 
 
+@dataclass(frozen=True, slots=True)
+class Pull:
+    """Fetch ``oid`` from another node's stored; handled by the transfer shell, not the table."""
+
+    r: int
+    oid: bytes
+    sources: tuple[str, ...]  # transfer addresses, "host:port", best first
+    timeout_ms: int  # -1 waits as long as sources make progress
+
+
 Request = Hello | Create | Seal | Abort | Get | Release | Free | Delete | Contains | Stats
 
 
@@ -113,7 +129,35 @@ def _r(msg: dict[str, Any]) -> int:
     return field(msg, "r", int)
 
 
-def parse(msg: dict[str, Any]) -> Request:
+def host_port(value: Any) -> tuple[str, int]:
+    """Split a transfer address ``host:port`` (``[v6]:port`` too).
+
+    Raises:
+        ProtocolError: not a string of that form, or a port outside 1..65535.
+    """
+    m = _HOST_PORT.fullmatch(value) if isinstance(value, str) else None
+    if m is None or not 0 < int(m.group(2)) < 65536:
+        raise ProtocolError(f"source {value!r} is not host:port")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+def _pull(msg: dict[str, Any]) -> Pull:
+    sources = field(msg, "sources", list)
+    if len(sources) > MAX_SOURCES:
+        raise ProtocolError(f"at most {MAX_SOURCES} sources per pull")
+    for source in sources:
+        host_port(source)
+    timeout = field(msg, "timeout", (int, float, type(None)), None)
+    if timeout is None:
+        timeout_ms = -1
+    elif isinstance(timeout, bool) or not math.isfinite(timeout) or timeout < 0:
+        raise ProtocolError("timeout must be a number of seconds >= 0, or nil")
+    else:
+        timeout_ms = math.ceil(timeout * 1000)
+    return Pull(_r(msg), _oid(field(msg, "oid", bytes), "oid"), tuple(sources), timeout_ms)
+
+
+def parse(msg: dict[str, Any]) -> Request | Pull:
     """Turn a decoded wire map into a request.
 
     Raises:
@@ -145,6 +189,8 @@ def parse(msg: dict[str, Any]) -> Request:
         return Contains(_r(msg), _oids(msg))
     if t == "stats":
         return Stats(_r(msg))
+    if t == "pull":
+        return _pull(msg)
     if t == "hello":
         name = field(msg, "name", str, "")
         return Hello(_r(msg), field(msg, "pid", int), name[:MAX_NAME_LEN])

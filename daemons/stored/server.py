@@ -1,4 +1,4 @@
-"""stored's I/O shell: one selector loop over the Unix socket and its clients.
+"""stored's I/O shell: one selector loop over the Unix socket, its clients and transfers.
 
 The shell owns sockets, the clock and the arena fd; every decision is made
 by :class:`daemons.stored.store.ObjectTable`. Per connection it keeps a
@@ -12,6 +12,10 @@ Errors are translated at the edge: a frame that cannot be decoded closes
 that connection (its framing is lost), a well-framed request with a bad
 field gets an ``ok: False`` reply, and a vanished client is disconnected
 from the core, which frees whatever it held.
+
+The TCP side (serving objects to other stores and pulling from them) lives
+in :mod:`daemons.stored.peers`; its sockets share this loop's selector, and
+``pull`` requests from Unix clients are handed to it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any
 
 from daemons.shell import StopFlag
 from daemons.stored import messages
+from daemons.stored.peers import TransferShell
 from daemons.stored.store import ObjectTable, Reply
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
@@ -72,11 +77,15 @@ class StoreServer:
         selector: injectable for tests; defaults to the platform's best.
         clock: monotonic clock; injectable for tests.
         node_id: hex node id, reported by the health reply.
+        transfer: builds the TCP transfer shell on this server's selector and
+            reply path (see ``__main__``); None serves the Unix socket only.
     """
 
     def __init__(self, listen: socket.socket, table: ObjectTable, arena_fd: int, log: Any,
                  selector: selectors.BaseSelector | None = None,
-                 clock: Callable[[], float] = time.monotonic, node_id: str = "") -> None:
+                 clock: Callable[[], float] = time.monotonic, node_id: str = "",
+                 transfer: Callable[[selectors.BaseSelector, Callable[[list[Reply]], None]],
+                                    TransferShell] | None = None) -> None:
         self.listen = listen
         self.table = table
         self.arena_fd = arena_fd
@@ -93,31 +102,42 @@ class StoreServer:
         # last_loop each turn, so a watchdog can tell turning from wedged.
         self.max_wait_s = 1.0
         self.last_loop = clock()
+        self.transfer = transfer(self.sel, self._deliver) if transfer is not None else None
 
     # ------------------------------------------------------------ lifecycle
     def run(self, stop: StopFlag) -> None:
         """Main loop: accept, read, dispatch, write, expire gets; until stopped."""
         self.sel.register(stop.wake_fd_r, selectors.EVENT_READ, _WAKE)
+        transfer = self.transfer
         while not stop.stopping:
             now = self.last_loop = self.clock()
             deadline = self.table.next_deadline()
+            if transfer is not None:
+                other = transfer.next_deadline()
+                if other is not None and (deadline is None or other < deadline):
+                    deadline = other
             timeout = self.max_wait_s if deadline is None else max(
                 0.0, min(self.max_wait_s, deadline - now))
             for key, mask in self.sel.select(timeout):
-                if key.data is _LISTEN:
+                data = key.data
+                if type(data) is _Conn:
+                    if mask & selectors.EVENT_READ:
+                        self._on_readable(data)
+                    if mask & selectors.EVENT_WRITE and data.cid in self.conns:
+                        self._dirty.add(data)
+                elif data is _LISTEN:
                     self._accept()
-                elif key.data is _WAKE:
+                elif data is _WAKE:
                     try:
                         os.read(stop.wake_fd_r, 64)
                     except OSError:
                         pass
-                else:
-                    conn = key.data
-                    if mask & selectors.EVENT_READ:
-                        self._on_readable(conn)
-                    if mask & selectors.EVENT_WRITE and conn.cid in self.conns:
-                        self._dirty.add(conn)
-            self._deliver(self.table.tick(self.clock()))
+                elif transfer is not None:
+                    transfer.on_io(data, mask, self.clock())
+            now = self.clock()
+            self._deliver(self.table.tick(now))
+            if transfer is not None:
+                transfer.turn(now)
             self._flush_dirty()
             self._log_events()
 
@@ -125,6 +145,8 @@ class StoreServer:
         """Close every client and the listening socket (the caller unlinks the path)."""
         for conn in list(self.conns.values()):
             self._drop(conn, "shutdown")
+        if self.transfer is not None:
+            self.transfer.close()
         try:
             self.sel.unregister(self.listen)
         except (KeyError, ValueError):
@@ -164,6 +186,8 @@ class StoreServer:
         self.log.info("client_disconnected", client=conn.cid, client_pid=conn.pid,
                       name=conn.name, reason=reason, pins_dropped=dropped.pins,
                       aborted=dropped.aborted, gets_cancelled=dropped.gets)
+        if self.transfer is not None:
+            self.transfer.drop_client(conn.cid, self.clock())
 
     def _on_readable(self, conn: _Conn) -> None:
         try:
@@ -202,6 +226,13 @@ class StoreServer:
                 self._queue(conn, {"r": r, "ok": False, "error": "bad_request",
                                    "msg": str(exc)})
             return
+        if isinstance(req, messages.Pull):
+            if self.transfer is None:
+                self._queue(conn, {"r": req.r, "ok": False, "error": "bad_request",
+                                   "msg": "this stored has no transfer address"})
+            else:
+                self.transfer.on_pull(conn.cid, req, now)
+            return
         if isinstance(req, messages.Hello):
             conn.pid, conn.name = req.pid, req.name
             self.log.info("client_hello", client=conn.cid, client_pid=req.pid, name=req.name)
@@ -216,10 +247,14 @@ class StoreServer:
         r = messages.request_id(msg)
         if r is None:
             return
-        self._queue(conn, {"r": r, "ok": True, "daemon": "stored", "status": "serving",
-                           "pid": os.getpid(), "node_id": self.node_id,
-                           "uptime_s": round(now - self.started, 3),
-                           "clients": len(self.conns), "stats": self.table.stats()})
+        reply = {"r": r, "ok": True, "daemon": "stored", "status": "serving",
+                 "pid": os.getpid(), "node_id": self.node_id,
+                 "uptime_s": round(now - self.started, 3),
+                 "clients": len(self.conns), "stats": self.table.stats()}
+        if self.transfer is not None:
+            reply["transfer_address"] = self.transfer.address
+            reply["transfer"] = self.transfer.stats()
+        self._queue(conn, reply)
 
     def _protocol_failure(self, conn: _Conn, error: str) -> None:
         """The stream lost its framing: say why (best effort) and close it."""

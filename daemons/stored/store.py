@@ -145,6 +145,8 @@ class ObjectTable:
         self._deadlines: list[tuple[float, int]] = []  # heap; stale entries skipped
         self._next_gid = 0
         self._events: list[tuple[str, dict[str, Any]]] = []
+        self._watched: set[bytes] = set()
+        self._notices: list[tuple[str, bytes, int]] = []
 
     # ------------------------------------------------------------ clients
     def connect(self, client: int) -> None:
@@ -247,6 +249,39 @@ class ObjectTable:
     def pending_gets(self) -> int:
         return len(self._gets)
 
+    # ------------------------------------------------------------ transfers
+    @property
+    def room(self) -> int:
+        """Bytes a create could get now: free plus what LRU eviction could free."""
+        return self.allocator.free_bytes + self.policy.evictable_bytes
+
+    def lookup(self, oid: bytes) -> tuple[str, int] | None:
+        """``(state, size)`` of an object, or None: lets a pull see what is here already."""
+        obj = self._objects.get(oid)
+        return None if obj is None else (obj.state, obj.size)
+
+    def pin_sealed(self, client: int, oid: bytes) -> tuple[int, int] | None:
+        """Pin a sealed object for ``client`` and return its ``(offset, size)``.
+
+        The transfer shell pins an object this way while it sends its bytes
+        to another node, and drops the pin with a ``Release`` afterwards.
+        Returns None if the object is not here or not sealed yet.
+        """
+        obj = self._sealed(oid)
+        if obj is None:
+            return None
+        self._pin(obj, client)
+        return obj.alloc.offset, obj.size
+
+    def watch(self, oid: bytes) -> None:
+        """Report the next seal or free of ``oid`` through :meth:`take_notices` (once)."""
+        self._watched.add(oid)
+
+    def take_notices(self) -> list[tuple[str, bytes, int]]:
+        """Watched objects sealed (``("sealed", oid, size)``) or freed (``("freed", oid, 0)``)."""
+        notices, self._notices = self._notices, []
+        return notices
+
     # ------------------------------------------------------------ handlers
     def _step_create(self, client: int, req: Create) -> list[Reply]:
         if req.oid in self._objects:
@@ -325,6 +360,9 @@ class ObjectTable:
                           f"object {req.oid.hex()} was created by another client")
         obj.state = SEALED
         self._clients[client].created.discard(req.oid)
+        if self._watched and req.oid in self._watched:
+            self._watched.discard(req.oid)
+            self._notices.append(("sealed", req.oid, obj.size))
         if obj.pin_total == 0:
             self.policy.add(obj.oid, obj.alloc.size)
         out = [Reply(client, {"r": req.r, "ok": True})]
@@ -447,6 +485,9 @@ class ObjectTable:
         """Remove an object and return its range; drops any pins it still has."""
         del self._objects[obj.oid]
         self.policy.remove(obj.oid)
+        if self._watched and obj.oid in self._watched:
+            self._watched.discard(obj.oid)
+            self._notices.append(("freed", obj.oid, 0))
         if obj.pin_total:
             self.pinned_bytes -= obj.alloc.size
             for client in obj.pins:
