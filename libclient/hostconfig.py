@@ -245,9 +245,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "memory": Key(_bytes(1), None, "arena capacity (bytes, '8G'); default 30% of RAM"),
         "spill_dir": Key(_path, None, "spill directory; default <state_dir>/spill"),
         "prefault": Key(_bytes(0), 0, "pre-fault this many arena bytes after start"),
-        "transfer_address": Key(_listen_address, "127.0.0.1:0",
-                                "TCP host:port other stores pull objects from; port 0: any "
-                                "free port"),
+        "transfer_address": Key(_listen_address, None,
+                                "TCP host:port other stores pull objects from; default "
+                                "<[node] address>:0 (port 0: any free port)"),
     },
     "raylet": {
         "socket": Key(_path, None, "default <runtime_dir>/raylet.sock"),

@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     ino = os.stat(path).st_ino
     try:
-        tlisten, transfer_address = _bind_transfer(conf["stored"]["transfer_address"],
-                                                   conf["node"]["address"])
+        tlisten, transfer_address = _bind_transfer(
+            conf["stored"]["transfer_address"] or f"{conf['node']['address']}:0",
+            conf["node"]["address"])
     except (OSError, ValueError) as exc:
         listen.close()
         os.unlink(path)
