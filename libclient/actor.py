@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import inspect
 import os
 import time
@@ -11,6 +10,7 @@ from typing import Any
 import cloudpickle
 
 from libclient import api
+from libclient.object_ref import _released_actor_handles
 from libclient.util.scheduling_strategies import to_wire
 
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "max_task_retries",
@@ -18,7 +18,6 @@ _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "max_task
                   "memory", "scheduling_strategy", "runtime_env"}
 _NAMES_NS = "actor_names:"
 _ROW_WAIT_S = 2.0  # how long get_actor waits for a just-named actor's row
-_released_handles: collections.deque[bytes] = collections.deque()
 
 
 def method(*, num_returns: int = 1) -> Any:
@@ -150,7 +149,7 @@ class ActorHandle:
 
     def __del__(self) -> None:
         # Like ObjectRef.__del__: only queue; the core worker counts at safe points.
-        _released_handles.append(self._actor_id)
+        _released_actor_handles.append(self._actor_id)
 
     def __reduce__(self) -> Any:
         core = api._core

@@ -187,7 +187,7 @@ class ActorHost:
 
 
 def _failed(exc: BaseException, name: str) -> dict:
-    from libclient.core_worker import error_wire_from
+    from libclient.core import error_wire_from
 
     try:
         raise exc
@@ -197,7 +197,7 @@ def _failed(exc: BaseException, name: str) -> dict:
 
 
 def _failed_call(msg: dict, exc: BaseException) -> dict:
-    from libclient.core_worker import error_wire_from
+    from libclient.core import error_wire_from
 
     try:
         raise exc

@@ -10,7 +10,7 @@ from typing import Any
 
 import cloudpickle
 
-from libclient.core_worker import CoreWorker
+from libclient.core import CoreWorker
 from libclient.exceptions import RaySystemError
 from libclient.object_ref import ObjectRef
 

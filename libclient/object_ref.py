@@ -3,7 +3,9 @@
 Reference counting is local and deferred: ``__init__`` counts a new handle
 and ``__del__`` only appends the id to a queue, because ``__del__`` may run in
 any thread, in the middle of any code (even while the core worker holds its
-own lock). The core worker drains that queue at safe points.
+own lock). The core worker drains that queue at safe points. Actor handles
+(``libclient.actor``) queue their releases here too, so the core worker
+never has to import the API modules built on top of it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 # Set by the core worker of this process: counts(oid) += 1 on creation.
 _incref: Any = None
 _released: collections.deque[bytes] = collections.deque()
+# The same for actor handles: ActorHandle.__del__ appends its actor id here.
+_released_actor_handles: collections.deque[bytes] = collections.deque()
 # Refs seen while serializing a value on this thread (None when not collecting).
 _collect = threading.local()
 

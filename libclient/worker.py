@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from libclient import api, logs, serialization, spin
-from libclient.core_worker import CoreWorker, error_wire_from
+from libclient.core import CoreWorker, error_wire_from
 from libclient.exceptions import RaySystemError, TaskCancelledError
 from libclient.object_ref import ObjectRef
 from libclient.protocol import FrameDecoder, ProtocolError, pack
@@ -266,13 +266,12 @@ class TaskRunner:
         for i, value in enumerate(values):
             ser = serialization.serialize(value)
             if ser.refs:
-                with core._lock:
-                    core._escape(ser.refs)
+                core.escape(ser.refs)
             if ser.inline:
                 rets.append(["v", ser.to_wire()])
             else:
                 oid = tid + i.to_bytes(4, "little")
-                buf = core._write_store(oid, ser)
+                buf = core.write_store(oid, ser)
                 del buf  # the owner pins its own copy when it reads the reply
                 rets.append(["s", core.store_address])  # where an owner elsewhere pulls from
         return rets

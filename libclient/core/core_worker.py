@@ -1,0 +1,685 @@
+"""The core worker: what every driver and worker process runs inside libclient.
+
+Theory of operation
+-------------------
+The core worker wires together the parts Ray's core worker is made of, and
+holds the public methods the API (``api``, ``actor``, ``worker``) calls:
+
+* :mod:`.references` — owned objects and their counts (pure);
+* :mod:`.task_manager` — pending tasks, their rows for gcsd, retries (pure);
+* :mod:`.task_submitter` — scheduling classes and worker leases;
+* :mod:`.actor_submitter` — per-actor ordered queues and connections;
+* :mod:`.io_loop` — the selector thread, buffered writes, the wake pipe.
+
+What stays here is the glue that needs several parts at once: building a
+task from a call, completing return values (pinning stored ones, promoting
+escaped ones, releasing waiting tasks), and the object plane (``put`` writes
+large values to stored; ``get`` reads owned values from memory or stored,
+borrowed ones from stored).
+
+*Threads.* The user's thread calls submit/get/put/wait. One I/O thread
+reads replies and fires timers. All state is guarded by one lock; sockets
+are non-blocking, writes go out at once when the socket takes them and
+otherwise through the I/O thread. A synchronous ``get`` whose reply is in
+flight on a known connection reads that socket itself (``_wait_entry``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from typing import Any
+
+from libclient import object_ref, serialization
+from libclient.core import task_manager
+from libclient.core.actor_submitter import ActorConn, ActorSubmitter
+from libclient.core.errors import error_wire
+from libclient.core.io_loop import Conn, IoLoop, RemoteRaylet
+from libclient.core.references import READY, Entry, ReferenceTable
+from libclient.core.store_provider import StoreProvider
+from libclient.core.task_manager import Task, TaskManager
+from libclient.core.task_submitter import Lease, TaskSubmitter, strategy_key
+from libclient.exceptions import (
+    GetTimeoutError,
+    ObjectLostError,
+    ObjectStoreFullError,
+    RaySystemError,
+    RayTaskError,
+    TaskCancelledError,
+)
+from libclient.object_ref import ObjectRef
+from libclient.protocol import Connection
+
+EVENT_FLUSH_S = 0.2
+
+
+class CoreWorker:
+    """Per-process runtime: object ownership, task submission, get/put/wait."""
+
+    def __init__(self, raylet_socket: str, *, kind: str, job_id: int = 0,
+                 worker_id: bytes | None = None) -> None:
+        self.kind = kind
+        self.pid = os.getpid()
+        self.worker_id = worker_id or os.urandom(8)
+        self.raylet_socket = raylet_socket
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._rpc: dict[int, list] = {}  # raylet request id -> [reply or None]
+        self._exported: set[bytes] = set()
+        self._fn_cache: dict[bytes, Any] = {}
+        self.current_task_id: bytes | None = None
+        self.current_gpus: list[int] = []
+        self.current_actor_id: bytes | None = None
+        self.job_id = job_id
+        self._blocked_depth = 0
+        self._last_flush = time.monotonic()
+
+        conn = Connection.connect_unix(raylet_socket)
+        hello = {"t": "hello", "kind": kind, "pid": self.pid, "worker_id": self.worker_id}
+        reply = conn.call(hello)
+        if not reply.get("ok"):
+            raise RaySystemError(f"raylet refused hello: {reply.get('error')}")
+        self.node_id: bytes = reply["node_id"]
+        self.gcs_address: str = reply["gcs_address"]
+        self.store_socket: str = reply["store_socket"]
+        self.node_resources: dict = reply["resources"]
+        self.store_address: str = reply.get("store_address", "")  # for other nodes' pulls
+        self.node_gpus: list = reply.get("gpus", [])
+
+        from libclient.gcs_client import GcsClient
+
+        self.gcs = GcsClient(self.gcs_address, timeout=10.0)
+        self._refs = ReferenceTable(self.node_id, self.pid, self.store_address)
+        self._store = StoreProvider(self.store_socket, f"{kind}-{self.pid}", pid=self.pid,
+                                    lock=self._lock, refs=self._refs, gcs=self.gcs,
+                                    address=self.store_address, blocked=self._set_blocked)
+        if kind == "driver" and not job_id:
+            self.job_id = self.gcs.next_job_id()
+
+        self._tasks = TaskManager()
+        self._io = IoLoop(self._lock, conn, {"t": "hello", "kind": "remote", "pid": self.pid,
+                                             "r": 0, "worker_id": self.worker_id})
+        self._submitter = TaskSubmitter(self._io, self._refs, self._tasks, self._finish_error)
+        self._actors = ActorSubmitter(self._io, self._refs, self._tasks, self.gcs, self.node_id,
+                                      self._finish_error, self._task_done)
+        object_ref._incref = self._refs.incref
+        self._io.start(timeout=self._io_timeout, on_raylet=self._read_raylet,
+                       on_readable=self._read_conn, tick=self._tick)
+
+    # ------------------------------------------------------------------ refs
+    def _drain_released(self) -> None:
+        """Apply ObjectRef/ActorHandle ``__del__`` decrements (lock held)."""
+        if self._actors.actors:
+            self._actors.drain_released_handles()
+        if object_ref._released:
+            freed = self._refs.release(object_ref._released, self._tasks.pending)
+            if freed:
+                self._store.free(freed)
+
+    def _drop(self, oid: bytes, entry: Entry) -> None:
+        if self._refs.drop(oid, entry):
+            self._store.free([oid])
+
+    # ------------------------------------------------------------------- put
+    def put(self, value: Any) -> ObjectRef:
+        """Own a new object: small values stay in memory, large ones go to stored."""
+        ser = serialization.serialize(value)
+        oid = os.urandom(16) + b"\xff\xff\xff\xff"
+        with self._lock:
+            self._drain_released()
+            entry = self._refs.add(oid)
+            ref = ObjectRef(oid, self.pid, self.store_address)
+            if ser.refs:
+                self.escape(ser.refs)
+        if ser.inline:
+            entry.wire = ser.to_wire()
+        else:
+            entry.buf = self._store.write(oid, ser)
+        with self._lock:
+            entry.state = READY
+        return ref
+
+    def write_store(self, oid: bytes, ser: serialization.Serialized) -> Any:
+        """Copy a serialized value into stored (a large return); return a pinned view."""
+        return self._store.write(oid, ser)
+
+    def escape(self, refs: list[ObjectRef]) -> None:
+        """These refs leave the process inside a value: make what we own of
+        them readable by other processes (now, or when it is ready)."""
+        with self._lock:
+            for oid, entry in self._refs.escape(refs):
+                self._store.promote(oid, entry)
+
+    # ------------------------------------------------------------------- get
+    def get(self, refs: list[ObjectRef], timeout: float | None) -> list[Any]:
+        """Values of ``refs``, waiting for pending ones; raises a task's error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[Any] = []
+        with self._lock:
+            self._drain_released()
+            owned = self._refs.owned
+            for ref in refs:
+                if not isinstance(ref, ObjectRef):
+                    raise TypeError(f"get() expects ObjectRefs, got {type(ref).__name__}")
+                entry = owned.get(ref._id)
+                if entry is None:
+                    out.append(None)
+                    continue
+                if entry.state != READY:
+                    self._wait_entry(entry, deadline, ref._id)
+                out.append(entry)
+        values = []
+        for ref, entry in zip(refs, out, strict=False):
+            if entry is None:
+                kind, value = self._store.read_borrowed(ref, deadline)
+            elif entry.buf is None and entry.loc:
+                entry.buf = self._store.pull_and_pin(ref._id, entry.loc, deadline)
+                kind, value = serialization.deserialize_buffer(entry.buf)
+            elif entry.buf is not None:
+                kind, value = serialization.deserialize_buffer(entry.buf)
+            else:
+                kind, value = serialization.deserialize_wire(entry.wire)
+            if kind == serialization.KIND_ERROR:
+                if isinstance(value, RayTaskError):
+                    raise value.as_instanceof_cause()
+                raise value
+            values.append(value)
+        return values
+
+    def _reply_conn(self, oid: bytes | None) -> Conn | None:
+        """The connection the reply for ``oid`` will arrive on, if it is in flight."""
+        if oid is None:
+            return None
+        task = self._tasks.pending.get(oid[:16])
+        conn = task.lease if task is not None else None
+        if conn is None or conn.dead or conn.sock is None or conn.claimed:
+            return None
+        return conn
+
+    def _wait_entry(self, entry: Entry, deadline: float | None, oid: bytes | None = None) -> None:
+        self._set_blocked(True)
+        try:
+            while entry.state != READY:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise GetTimeoutError("get timed out")
+                conn = self._reply_conn(oid)
+                if conn is not None:
+                    # Read the reply in this thread rather than be woken by the
+                    # I/O thread: one thread wake-up less per synchronous call.
+                    step = 0.05 if remaining is None else min(remaining, 0.05)
+                    if not self._io.read_directly(conn, step, self._read_conn):
+                        self._cv.wait(step)
+                else:
+                    self._cv.wait(remaining if remaining is not None else 1.0)
+                if self._io.closed:
+                    raise RaySystemError("libclient was shut down")
+        finally:
+            self._set_blocked(False)
+
+    def fetch_to_node(self, oid: bytes, source: str, deadline: float | None = None) -> None:
+        """Bring an object held by another node's store (``source``) into ours."""
+        self._store.fetch_to_node(oid, source, deadline)
+
+    def _set_blocked(self, blocked: bool) -> None:
+        """Tell the raylet this worker's task waits, so it lends the CPU out."""
+        if self.kind != "worker" or self.current_task_id is None:
+            return
+        with self._lock:
+            if blocked:
+                self._blocked_depth += 1
+                if self._blocked_depth == 1:
+                    self._io.raylet_send({"t": "blocked"})
+            else:
+                self._blocked_depth -= 1
+                if self._blocked_depth == 0:
+                    self._io.raylet_send({"t": "unblocked"})
+
+    # ------------------------------------------------------------------ wait
+    def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None
+             ) -> tuple[list[ObjectRef], list[ObjectRef]]:
+        """Split ``refs`` into (ready, not ready) once ``num_returns`` are ready."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                self._drain_released()
+                owned = self._refs.owned
+                ready_flags = []
+                borrowed = []
+                for i, ref in enumerate(refs):
+                    entry = owned.get(ref._id)
+                    if entry is None:
+                        ready_flags.append(False)
+                        borrowed.append(i)
+                    else:
+                        ready_flags.append(entry.state == READY)
+            if borrowed:
+                present = self._store.contains([refs[i]._id for i in borrowed])
+                for i, p in zip(borrowed, present, strict=False):
+                    ready_flags[i] = p
+            if sum(ready_flags) >= num_returns:
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            with self._lock:
+                step = 0.01 if borrowed else 1.0
+                self._cv.wait(step if remaining is None else min(step, remaining))
+        ready, not_ready = [], []
+        for ref, flag in zip(refs, ready_flags, strict=False):
+            if flag and len(ready) < num_returns:
+                ready.append(ref)
+            else:
+                not_ready.append(ref)
+        return ready, not_ready
+
+    # ------------------------------------------------------------- functions
+    def export_function(self, pickled: bytes, name: str) -> bytes:
+        """Put a pickled function or class in gcsd (once); return its key."""
+        key = hashlib.sha1(pickled).digest()[:16]
+        if key not in self._exported:
+            self.gcs.table_put("functions", key, {"name": name, "pickled": pickled,
+                                                  "job": self.job_id})
+            self._exported.add(key)
+        return key
+
+    def fetch_function(self, key: bytes) -> Any:
+        """The function or class exported under ``key`` (cached after first use)."""
+        fn = self._fn_cache.get(key)
+        if fn is None:
+            record = self.gcs.table_get("functions", key)
+            if record is None:
+                raise RaySystemError(f"function {key.hex()} is not in the control store")
+            import pickle
+
+            fn = pickle.loads(record["pickled"])
+            self._fn_cache[key] = fn
+        return fn
+
+    # ---------------------------------------------------------------- submit
+    def submit(self, fn_key: bytes, name: str, args: tuple, kwargs: dict, *,
+               num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any,
+               strategy: Any = None) -> list[ObjectRef]:
+        """Submit a normal task; returns its return refs at once."""
+        # Tasks share leases only with tasks of the same demand and strategy.
+        key = None if strategy is None else ("task", *sorted(demand.items()),
+                                             ("strategy", strategy_key(strategy)))
+        return self._build_call(fn_key, name, args, kwargs, num_returns=num_returns,
+                                demand=demand, max_retries=max_retries,
+                                retry_exceptions=retry_exceptions, key=key, spec=None,
+                                strategy=strategy)
+
+    def create_actor(self, actor_id: bytes, cls_key: bytes, class_name: str, args: tuple,
+                     kwargs: dict, *, demand: dict, spec: dict) -> None:
+        """Ask the raylet for an actor; returns at once (creation is asynchronous)."""
+        refs = self._build_call(cls_key, class_name, args, kwargs, num_returns=1,
+                                demand=demand, max_retries=0, retry_exceptions=False,
+                                key=("create", actor_id), spec=spec)
+        del refs  # creation has no return value; errors surface at method calls
+
+    def submit_actor_call(self, actor_id: bytes, method: str, name: str, args: tuple,
+                          kwargs: dict, *, num_returns: int, max_retries: int) -> list[ObjectRef]:
+        """Queue a method call on an actor, after every earlier call from here."""
+        msg_extra = {"method": method, "t": "call"}
+        return self._build_call(b"", name, args, kwargs, num_returns=num_returns, demand={},
+                                max_retries=max_retries, retry_exceptions=False,
+                                key=("actor", actor_id), spec=msg_extra)
+
+    def _build_call(self, fn_key: bytes, name: str, args: tuple, kwargs: dict, *,
+                    num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any,
+                    key: tuple | None, spec: dict | None, strategy: Any = None
+                    ) -> list[ObjectRef]:
+        """Make a task, actor call or actor creation; queue it; return its refs."""
+        tid = os.urandom(16)
+        deps = []
+        if any(type(a) is ObjectRef for a in args):
+            args = list(args)
+            for i, a in enumerate(args):
+                if type(a) is ObjectRef:
+                    deps.append((i, a))
+                    args[i] = None
+        if any(type(v) is ObjectRef for v in kwargs.values()):
+            kwargs = dict(kwargs)
+            for k, v in kwargs.items():
+                if type(v) is ObjectRef:
+                    deps.append((k, v))
+                    kwargs[k] = None
+        if not args and not kwargs:
+            payload = _EMPTY_ARGS
+            refs: list = []
+        else:
+            try:
+                ser = serialization.serialize((tuple(args), kwargs))
+            except Exception as exc:
+                raise TypeError(f"could not serialize the arguments of {name}: {exc}") from exc
+            if not ser.inline:
+                # Large arguments travel through stored as one put object.
+                ref = self.put(_LargeArgs(ser.meta, ser.buffers))
+                deps.append(("*", ref))
+                payload = _EMPTY_ARGS
+                refs = ser.refs
+            else:
+                payload = ser.to_wire()
+                refs = ser.refs
+        msg = {"t": "task", "tid": tid, "fn": fn_key, "name": name, "args": payload,
+               "nret": num_returns, "job": self.job_id}
+        if retry_exceptions:
+            msg["rex"] = retry_exceptions if isinstance(retry_exceptions, bool) else \
+                serialization.serialize(retry_exceptions).to_wire()
+        if spec:
+            msg.update(spec)
+        if key is None:
+            key = ("task", *sorted(demand.items()))
+        elif key[0] == "create":
+            num_returns = 0
+        return_ids = [tid + i.to_bytes(4, "little") for i in range(num_returns)]
+        with self._lock:
+            self._drain_released()
+            if refs:
+                self.escape(refs)
+            out = []
+            for oid in return_ids:
+                self._refs.add(oid)
+                out.append(ObjectRef(oid, self.pid, self.store_address))
+            event = {"name": name, "fn": fn_key, "job": self.job_id, "nret": num_returns,
+                     "deps": [r._id for _, r in deps], "owner_pid": self.pid}
+            task = Task(tid, key, demand, msg, deps, return_ids, max_retries, name, refs, event)
+            self._tasks.add(task)
+            self._refs.wait_for_args(task)
+            if key[0] == "actor":
+                self._actors.submit(task)
+            elif key[0] == "create":
+                self._actors.creating(task)
+                if task.unresolved == 0:
+                    self._enqueue(task)
+            elif task.unresolved == 0:
+                self._enqueue(task, strategy)
+            elif strategy is not None:
+                self._submitter.remember_strategy(key, strategy)
+        return out
+
+    def _enqueue(self, task: Task, strategy: Any = None) -> None:
+        """Every owned argument of ``task`` is ready: send it on (lock held)."""
+        kind = task.key[0]
+        if kind == "actor":
+            self._actors.pump(self._actors.actor(task.key[1]))
+            return
+        failed = self._refs.resolve_args(task)
+        if failed is not None:
+            if kind == "create":
+                self._actors.creation_failed(task, failed)
+            self._finish_error(task, failed)
+        elif kind == "create":
+            self._actors.send_create(task, self.job_id)
+        else:
+            self._submitter.enqueue(task, strategy)
+
+    def _requeue(self, task: Task) -> None:
+        """Run a task again (a retry), at the head of its queue."""
+        if task.key[0] == "actor":
+            self._actors.requeue(task)
+        else:
+            self._submitter.requeue(task)
+
+    # ---------------------------------------------------------------- actors
+    def actor_handle_added(self, actor_id: bytes) -> None:
+        """Count a new ActorHandle in this process."""
+        with self._lock:
+            self._actors.handle_added(actor_id)
+
+    def actor_handle_escaped(self, actor_id: bytes) -> None:
+        """A handle was pickled: other processes may call the actor now."""
+        with self._lock:
+            self._actors.handle_escaped(actor_id)
+
+    def actor_scoped_to_handles(self, actor_id: bytes) -> None:
+        """The actor ends when its last handle here goes (unless one escaped)."""
+        with self._lock:
+            self._actors.scoped_to_handles(actor_id)
+
+    def kill_actor(self, actor_id: bytes, no_restart: bool) -> None:
+        """Kill an actor; no call made from here after this reaches it."""
+        with self._lock:
+            self._actors.kill(actor_id, no_restart)
+
+    # ---------------------------------------------------------------- cancel
+    def cancel(self, ref: ObjectRef, force: bool) -> None:
+        """Cancel the task that produces ``ref`` (queued: dropped; running: interrupted)."""
+        with self._lock:
+            task = self._tasks.cancel(ref._id[:16])
+            if task is None:
+                return
+            lease = task.lease
+            if isinstance(lease, ActorConn):
+                if force:
+                    raise ValueError("force=True cannot cancel an actor call; use kill()")
+                return  # a running actor call is not interrupted (as in Ray for sync actors)
+            if lease is None:
+                # Queued or waiting for arguments: it never ran.
+                self._finish_error(task, error_wire(
+                    TaskCancelledError(f"task {task.name} was cancelled")))
+                return
+            self._submitter.cancel_running(task, lease, force)
+
+    # ---------------------------------------------------------------- raylet
+    def raylet_call(self, msg: dict, timeout: float = 10.0) -> dict:
+        """A request/reply exchange with the raylet, answered via the I/O thread."""
+        with self._lock:
+            rid = msg["r"] = self._io.next_raylet_id()
+            slot: list = [None]
+            self._rpc[rid] = slot
+            self._io.raylet_send(msg)
+            deadline = time.monotonic() + timeout
+            while slot[0] is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._io.closed:
+                    self._rpc.pop(rid, None)
+                    raise RaySystemError(f"raylet did not answer {msg['t']!r}")
+                self._cv.wait(remaining)
+            return slot[0]
+
+    def _read_raylet(self) -> None:
+        msgs, lost = self._io.recv_raylet()
+        for msg in msgs:
+            rid = msg.get("r")
+            slot = self._rpc.pop(rid, None)
+            if slot is not None:
+                slot[0] = msg
+                self._cv.notify_all()
+            else:
+                self._on_raylet_reply(rid, msg)
+        if lost:
+            self._closed_by_raylet()
+
+    def _on_raylet_reply(self, rid: Any, msg: dict, source: RemoteRaylet | None = None) -> None:
+        """A reply to an actor creation or a lease request (from ``source`` if not ours)."""
+        if not self._actors.on_raylet_reply(rid, msg):
+            self._submitter.on_lease_reply(rid, msg, source)
+
+    def _read_remote_raylet(self, rr: RemoteRaylet, msgs: list[dict] | None,
+                            failed: str | None) -> None:
+        for m in msgs or ():
+            if m.get("r") != 0:  # 0 is our hello
+                self._on_raylet_reply(m.get("r"), m, rr)
+        if failed is not None and self._io.drop_remote_raylet(rr):
+            self._submitter.remote_raylet_lost(rr)
+
+    def _closed_by_raylet(self) -> None:
+        self._io.raylet_closed()
+        err = error_wire(RaySystemError("lost the connection to the raylet"))
+        for task in list(self._tasks.pending.values()):
+            self._finish_error(task, err)
+        self._actors.raylet_lost()
+        self._cv.notify_all()
+
+    # --------------------------------------------------------------- replies
+    def _read_conn(self, conn: Conn) -> None:
+        """Read replies from a leased worker or an actor (lock held)."""
+        msgs, failed = self._io.recv(conn)
+        if type(conn) is RemoteRaylet:
+            self._read_remote_raylet(conn, msgs, failed)
+            return
+        if failed is not None:
+            self._conn_lost(conn, failed)
+            return
+        if msgs is None:
+            return
+        for msg in msgs:
+            self._on_task_reply(conn, msg)
+        if not conn.inflight:
+            if isinstance(conn, Lease):
+                conn.idle_since = time.monotonic()
+            else:
+                self._actors.idle(conn)  # type: ignore[arg-type]
+
+    def _conn_lost(self, conn: Conn, why: str) -> None:
+        if isinstance(conn, ActorConn):
+            self._actors.conn_lost(conn, why)
+        else:
+            self._submitter.lease_failed(conn, why)  # type: ignore[arg-type]
+
+    def _on_task_reply(self, conn: Conn, msg: dict) -> None:
+        task = conn.inflight.pop(msg.get("tid"), None)
+        if task is None:
+            return
+        if isinstance(conn, Lease):
+            self._submitter.record_duration(conn, msg.get("dur"))
+        status = msg.get("err", 0)
+        outcome = self._tasks.on_reply(task, status)
+        if outcome == task_manager.RETRY:
+            self._requeue(task)
+            return
+        if outcome == task_manager.CANCELLED:
+            self._finish_error(task, error_wire(
+                TaskCancelledError(f"task {task.name} was cancelled")))
+            return
+        owned = self._refs.owned
+        rets = msg.get("rets") or []
+        for oid, ret in zip(task.return_ids, rets, strict=False):
+            entry = owned.get(oid)
+            if entry is None or entry.state == READY:
+                continue
+            if ret[0] == "v":
+                entry.wire = ret[1]
+            elif len(ret) > 1 and ret[1] and ret[1] != self.store_address:
+                entry.loc = ret[1]  # on the worker's node; pulled when someone gets it
+            else:
+                entry.buf = self._store.pin(oid)
+                if entry.buf is None:
+                    entry.wire = error_wire(ObjectLostError(
+                        f"return value of {task.name} was evicted before its owner pinned it"))
+            self._complete(oid, entry)
+        self._task_done(task, "FAILED" if outcome == task_manager.FAILED else "FINISHED")
+
+    def _complete(self, oid: bytes, entry: Entry) -> None:
+        """An owned value arrived: promote it if it escaped, release waiting tasks."""
+        promote, waiters = self._refs.complete(entry)
+        if promote:
+            try:
+                self._store.promote(oid, entry)
+            except Exception as exc:
+                entry.wire = error_wire(ObjectStoreFullError(str(exc)))
+        if waiters:
+            for task in waiters:
+                if self._tasks.dependency_ready(task):
+                    self._enqueue(task)
+        if self._refs.unreferenced(oid, entry):
+            self._drop(oid, entry)
+
+    def _finish_error(self, task: Task, wire: list) -> None:
+        """Fail every pending return value of ``task`` with ``wire``; end it."""
+        owned = self._refs.owned
+        for oid in task.return_ids:
+            entry = owned.get(oid)
+            if entry is not None and entry.state != READY:
+                entry.wire = wire
+                self._complete(oid, entry)
+        self._task_done(task, "FAILED")
+
+    def _task_done(self, task: Task, state: str) -> None:
+        self._tasks.done(task, state)
+        self._cv.notify_all()
+        if isinstance(task.lease, Lease):
+            self._submitter.task_done(task)
+
+    # ---------------------------------------------------------- housekeeping
+    def _io_timeout(self) -> float:
+        """How long the I/O thread may sleep: shorter while leases or actors need timers."""
+        timeout = 0.05 if self._submitter.has_leases() else 0.2
+        if self._actors.needs_polling():
+            timeout = 0.02
+        return timeout
+
+    def _tick(self) -> None:
+        """Timers, run by the I/O thread after every turn (lock held)."""
+        now = time.monotonic()
+        self._drain_released()
+        self._submitter.return_idle_leases(now)
+        if self._actors.actors:
+            self._actors.poll(now)
+        self._submitter.resend_cancels(now)
+        if now - self._last_flush >= EVENT_FLUSH_S:
+            if self._tasks.events or self._refs.object_events:
+                self._flush_events()
+            self._last_flush = time.monotonic()
+        self._store.flush_releases()
+
+    def _flush_events(self) -> None:
+        """Send task states and object locations to gcsd in one batch each.
+
+        Best-effort observability and lineage: a gcsd hiccup never fails a task.
+        """
+        for table, events in (("tasks", self._tasks.take_events()),
+                              ("objects", self._refs.take_object_events())):
+            if not events:
+                continue
+            try:
+                self.gcs.put_batch(table, [[k, v] for k, v in events.items()], wait=False)
+            except Exception:
+                pass
+
+    # -------------------------------------------------------------- shutdown
+    def shutdown(self) -> None:
+        """Return leases, close connections, flush what gcsd is owed, stop the thread."""
+        with self._lock:
+            if self._io.closed:
+                return
+            self._io.stop()
+            self._cv.notify_all()
+            self._submitter.shutdown()
+            self._actors.shutdown()
+        self._io.join(timeout=2)
+        self._io.close_remote_raylets()
+        self._actors.close()
+        self._flush_events()
+        self._io.close_raylet()
+        self._store.close()
+        self.gcs.close()
+        self._io.close()
+        if object_ref._incref == self._refs.incref:
+            object_ref._incref = None
+
+
+class _LargeArgs:
+    """Task arguments too big to inline: travel through stored as one object."""
+
+    def __init__(self, meta: bytes, buffers: list) -> None:
+        self.meta = meta
+        self.buffers = buffers
+
+    def __reduce__(self) -> Any:
+        import pickle
+
+        return (_rebuild_large_args, (pickle.PickleBuffer(self.meta),
+                                      [pickle.PickleBuffer(b) for b in self.buffers]))
+
+
+def _rebuild_large_args(meta: Any, buffers: list) -> Any:
+    import pickle
+
+    return pickle.loads(meta, buffers=buffers)
+
+
+_EMPTY_ARGS = serialization.serialize(((), {})).to_wire()

@@ -1,0 +1,227 @@
+"""This process's side of the node's shared-memory object store (stored).
+
+Theory of operation
+-------------------
+Large values do not stay in the owner's memory: a large ``put`` and a
+worker's large return are written to stored (``create``, a copy into this
+process's own mapping of the arena, ``seal``) and the owner keeps a pinned,
+zero-copy view. An owned inline value whose ref escapes is copied there too
+(promotion), so any process on the node can read it. The owner pins a large
+task return as soon as the reply says it is there, before eviction can
+take it. Each write is recorded as a location row for gcsd's ``objects``
+table (via the reference table, batched with the task rows).
+
+A borrower reads stored. If the object is not sealed yet it waits on a
+second store connection, so a long wait never holds the connection that
+puts, gets and releases use, and gives up with OwnerDiedError if the
+owner's process dies before the object appears.
+
+Objects on another node's store (a task argument passed by id, a remote
+task's big return) are pulled into ours first, on that second connection
+too: stored copies them over TCP from the store address given. A borrowed
+ref carries its owner's store address; a borrower on another node pulls
+from there, retrying until the owner has stored it, and gives up with
+OwnerDiedError when gcsd says that node died. An escaping owned value that
+lives on a remote node is pulled to the owner's node first (synchronously).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from libclient import serialization
+from libclient.core.references import Entry, ReferenceTable
+from libclient.exceptions import (
+    GetTimeoutError,
+    ObjectLostError,
+    ObjectStoreFullError,
+    OwnerDiedError,
+)
+from libclient.object_ref import ObjectRef
+from libclient.protocol import ProtocolError
+from libclient.store_client import StoreClient
+
+
+class StoreProvider:
+    """Writes, pins and reads objects in stored for the core worker."""
+
+    def __init__(self, socket_path: str, name: str, *, pid: int, lock: threading.RLock,
+                 refs: ReferenceTable, gcs: Any, address: str,
+                 blocked: Callable[[bool], None]) -> None:
+        self.socket_path = socket_path
+        self.address = address  # our stored, as other nodes reach it (for pulls)
+        self.client = StoreClient(socket_path, name=name)
+        self._pid = pid
+        self._lock = lock
+        self._refs = refs
+        self._gcs = gcs
+        # blocked(True/False) brackets a long wait, so a worker lends its CPU out
+        self._blocked = blocked
+        self._wait_client: StoreClient | None = None  # second connection for long waits
+
+    def write(self, oid: bytes, ser: serialization.Serialized) -> Any:
+        """Copy a serialized value into stored; return a pinned view of it."""
+        store = self.client
+        size = ser.store_size()
+        view = store.create(oid, size)
+        try:
+            ser.write_into(view)
+        except BaseException:
+            store.abort(oid)
+            raise
+        finally:
+            del view
+        store.seal(oid)
+        with self._lock:
+            self._refs.stored(oid, size)
+        (buf,) = store.get([oid], timeout=0)
+        store.release([oid])  # the creation pin; `buf` holds its own
+        return buf
+
+    def promote(self, oid: bytes, entry: Entry) -> None:
+        """Make an owned object readable by other processes (it escaped): copy
+        an inline value to stored, or pull a remote one to this node."""
+        if entry.buf is None and entry.loc:
+            # Borrowers look for it on the owner's node: bring it here first.
+            # (Blocks this thread for the transfer; a later issue makes it async.)
+            entry.buf = self.pull_and_pin(oid, entry.loc, None)
+            return
+        if entry.buf is not None or entry.wire is None:
+            return
+        kind, meta, bufs = entry.wire
+        ser = serialization.Serialized(kind, meta, bufs, [])
+        try:
+            entry.buf = self.write(oid, ser)
+        except ObjectStoreFullError:
+            raise
+        except Exception as exc:
+            if "exists" not in str(exc):
+                raise
+
+    def pin(self, oid: bytes) -> Any:
+        """A pinned view of a task return the worker wrote; None if it is gone."""
+        try:
+            (buf,) = self.client.get([oid], timeout=0)
+        except (ConnectionError, OSError, ProtocolError):
+            return None  # stored is gone: the value is lost
+        return buf
+
+    def read_borrowed(self, ref: ObjectRef, deadline: float | None) -> tuple[int, Any]:
+        """Read an object someone else owns, waiting for it to appear."""
+        (buf,) = self.client.get([ref._id], timeout=0)
+        if buf is None and ref.owner_addr and ref.owner_addr != self.address:
+            self._pull_from_owner(ref, deadline)
+            (buf,) = self.client.get([ref._id], timeout=0)
+        if buf is None:
+            buf = self._wait(ref, deadline)
+        return serialization.deserialize_buffer(buf)
+
+    def _pull_from_owner(self, ref: ObjectRef, deadline: float | None) -> None:
+        """Pull a borrowed object from its owner's node, waiting until the owner
+        has stored it; give up when gcsd says that node died."""
+        next_check = time.monotonic() + 2.0
+        while True:
+            try:
+                step = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+                if step <= 0:
+                    raise GetTimeoutError(f"get of {ref.hex()} timed out")
+                self.fetch_to_node(ref._id, ref.owner_addr, time.monotonic() + step)
+                return
+            except (ObjectLostError, GetTimeoutError):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise GetTimeoutError(f"get of {ref.hex()} timed out") from None
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + 2.0
+                if not self._store_address_alive(ref.owner_addr):
+                    raise OwnerDiedError(f"object {ref.hex()} was lost: its owner's node "
+                                         f"({ref.owner_addr}) died")
+            time.sleep(0.05)
+
+    def _store_address_alive(self, address: str) -> bool:
+        try:
+            nodes = self._gcs.get_nodes()
+        except Exception:
+            return True  # cannot tell: keep waiting
+        return any(n.get("store_address") == address and n.get("state") == "ALIVE"
+                   for n in nodes)
+
+    def _waiter(self) -> StoreClient:
+        # Waits and pulls block; keep them off the connection that gets,
+        # puts and releases use.
+        if self._wait_client is None:
+            self._wait_client = StoreClient(self.socket_path, name=f"wait-{self._pid}")
+        return self._wait_client
+
+    def _wait(self, ref: ObjectRef, deadline: float | None) -> Any:
+        waiter = self._waiter()
+        blocked = self._blocked
+        blocked(True)
+        try:
+            while True:
+                step = 0.2
+                if deadline is not None:
+                    step = min(step, deadline - time.monotonic())
+                    if step <= 0:
+                        raise GetTimeoutError(f"get of {ref.hex()} timed out")
+                (buf,) = waiter.get([ref._id], timeout=step)
+                if buf is not None:
+                    return buf
+                local_owner = not ref.owner_addr or ref.owner_addr == self.address
+                if ref.owner_pid and local_owner and not _pid_alive(ref.owner_pid):
+                    (buf,) = waiter.get([ref._id], timeout=0)
+                    if buf is not None:
+                        return buf
+                    raise OwnerDiedError(
+                        f"object {ref.hex()} was lost: its owner (pid {ref.owner_pid}) exited "
+                        "before the object was stored")
+        finally:
+            blocked(False)
+
+    def fetch_to_node(self, oid: bytes, source: str, deadline: float | None) -> None:
+        """Bring an object held by another node's store (``source``) into ours."""
+        if not source or source == self.address:
+            return
+        if self.client.contains([oid])[0]:
+            return
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._blocked(True)
+        try:
+            self._waiter().pull(oid, [source], timeout)
+        finally:
+            self._blocked(False)
+
+    def pull_and_pin(self, oid: bytes, source: str, deadline: float | None) -> Any:
+        """Pull a remote copy here and pin it; the owner reads it like a local one."""
+        self.fetch_to_node(oid, source, deadline)
+        (buf,) = self.client.get([oid], timeout=0)
+        if buf is None:
+            raise ObjectLostError(f"object {oid.hex()} was evicted right after it was pulled")
+        return buf
+
+    def contains(self, oids: list[bytes]) -> list[bool]:
+        return self.client.contains(oids)
+
+    def free(self, oids: list[bytes]) -> None:
+        self.client.free(oids)
+
+    def flush_releases(self) -> None:
+        self.client.flush_releases()
+
+    def close(self) -> None:
+        self.client.close()
+        if self._wait_client is not None:
+            self._wait_client.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

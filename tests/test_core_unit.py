@@ -1,0 +1,243 @@
+"""The core worker's pure parts, driven directly: no process, no socket, no sleep.
+
+``libclient.core.references`` decides which owned objects to keep, promote
+or free; ``libclient.core.task_manager`` decides what a reply or a lost
+connection means for a task. Both are fed events here and their decisions
+checked.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+
+from libclient import serialization
+from libclient.core import task_manager
+from libclient.core.errors import error_wire
+from libclient.core.references import PENDING, READY, ReferenceTable
+from libclient.core.task_manager import Task, TaskManager
+from libclient.exceptions import RaySystemError
+from libclient.object_ref import ObjectRef
+
+NODE = b"n" * 16
+PID = 4242
+HERE = "10.0.0.1:7000"  # our store's transfer address
+
+
+def _ref(oid: bytes) -> ObjectRef:
+    return ObjectRef(oid, PID, _count=False)
+
+
+def _task(deps=(), nret=1, retries=3, tid=None) -> Task:
+    tid = tid or os.urandom(16)
+    return_ids = [tid + i.to_bytes(4, "little") for i in range(nret)]
+    return Task(tid, ("task", ("CPU", 1)), {"CPU": 1}, {"t": "task", "tid": tid}, list(deps),
+                return_ids, retries, "f", None,
+                {"name": "f", "fn": b"k", "job": 1, "nret": nret,
+                 "deps": [r._id for _, r in deps], "owner_pid": PID})
+
+
+def _owned(table: ReferenceTable, state=READY, wire=None, buf=None, count=1) -> bytes:
+    oid = os.urandom(20)
+    entry = table.add(oid)
+    for _ in range(count):
+        table.incref(oid)
+    entry.state = state
+    entry.wire = wire
+    entry.buf = buf
+    return oid
+
+
+_VALUE = serialization.serialize(41).to_wire()
+
+
+# ------------------------------------------------------------ references
+def test_counts_and_release_drop_a_ready_inline_object_without_freeing():
+    t = ReferenceTable(NODE, PID, HERE)
+    oid = _owned(t, wire=_VALUE, count=2)
+    released = collections.deque([oid])
+    assert t.release(released, {}) == []
+    assert oid in t.owned and t.owned[oid].count == 1 and not released
+    assert t.release(collections.deque([oid]), {}) == []
+    assert oid not in t.owned
+    assert t.object_events == {}  # it never was in stored
+
+
+def test_release_frees_a_stored_copy_that_never_left_the_process():
+    t = ReferenceTable(NODE, PID, HERE)
+    oid = _owned(t, buf=object())
+    assert t.release(collections.deque([oid, b"not-owned"]), {}) == [oid]
+    assert oid not in t.owned
+    assert t.take_object_events() == {oid: {"node_id": NODE, "state": "FREED"}}
+    assert t.object_events == {}
+
+
+def test_release_keeps_an_escaped_stored_copy_for_borrowers():
+    t = ReferenceTable(NODE, PID, HERE)
+    oid = _owned(t, buf=object())
+    t.owned[oid].escaped = True
+    assert t.release(collections.deque([oid]), {}) == []
+    assert oid not in t.owned  # forgotten here, but stored keeps the bytes
+    assert t.object_events == {}
+
+
+def test_release_keeps_a_pending_object_while_its_task_runs():
+    t = ReferenceTable(NODE, PID, HERE)
+    oid = _owned(t, state=PENDING)
+    running = {oid[:16]: object()}
+    assert t.release(collections.deque([oid]), running) == []
+    assert oid in t.owned  # the reply must still find its entry
+    t.incref(oid)
+    t.release(collections.deque([oid]), {})  # its task is gone: nothing will complete it
+    assert oid not in t.owned
+
+
+@pytest.mark.parametrize("why", ["escaped", "waiters"])
+def test_release_keeps_a_pending_object_someone_outside_needs(why):
+    t = ReferenceTable(NODE, PID, HERE)
+    oid = _owned(t, state=PENDING)
+    if why == "escaped":
+        t.owned[oid].escaped = True
+    else:
+        t.owned[oid].waiters = [_task()]
+    t.release(collections.deque([oid]), {})
+    assert oid in t.owned and t.owned[oid].count == 0
+
+
+def test_escape_promotes_only_owned_ready_values_not_yet_in_our_store():
+    t = ReferenceTable(NODE, PID, HERE)
+    inline = _owned(t, wire=_VALUE)
+    stored = _owned(t, buf=object())
+    pending = _owned(t, state=PENDING, wire=_VALUE)  # promoted when it completes
+    remote = _owned(t)
+    t.owned[remote].loc = "10.0.0.2:7000"  # pulled to the owner's node
+    borrowed = os.urandom(20)
+    decided = t.escape([_ref(inline), _ref(stored), _ref(pending), _ref(remote),
+                        _ref(borrowed)])
+    assert [oid for oid, _ in decided] == [inline, remote]
+    assert decided[0][1] is t.owned[inline]
+    assert all(t.owned[o].escaped for o in (inline, stored, pending, remote))
+    assert borrowed not in t.owned
+
+
+def test_completion_releases_waiting_tasks_only_at_their_last_argument():
+    t = ReferenceTable(NODE, PID, HERE)
+    m = TaskManager()
+    a, b = _owned(t, state=PENDING), _owned(t, state=PENDING)
+    ready = _owned(t, wire=_VALUE)
+    both = _task([(0, _ref(a)), (1, _ref(b)), (2, _ref(ready))])
+    only_a = _task([(0, _ref(a))])
+    assert t.wait_for_args(both) == 2 and both.unresolved == 2
+    assert t.wait_for_args(only_a) == 1
+    promote, waiters = t.complete(t.owned[a])
+    assert promote is False and t.owned[a].state == READY
+    assert waiters == [both, only_a] and t.owned[a].waiters is None
+    assert [m.dependency_ready(w) for w in waiters] == [False, True]
+    t.owned[b].escaped = True
+    promote, waiters = t.complete(t.owned[b])
+    assert promote is True  # promoted before the waiter is sent on
+    both.cancelled = True
+    assert not m.dependency_ready(waiters[0])  # its last argument, but cancelled
+
+
+def test_resolve_args_inlines_small_owned_values_and_passes_the_rest_by_id():
+    t = ReferenceTable(NODE, PID, HERE)
+    inline = _owned(t, wire=_VALUE)
+    stored = _owned(t, buf=object())
+    borrowed = os.urandom(20)
+    elsewhere = _owned(t)
+    t.owned[elsewhere].loc = "10.0.0.2:7000"  # a remote task's big return, not pulled yet
+    task = _task([(0, _ref(inline)), ("k", _ref(stored)), (2, _ref(borrowed)),
+                  (3, _ref(elsewhere))])
+    assert t.resolve_args(task) is None
+    assert task.msg["deps"] == [[0, "v", _VALUE], ["k", "s", stored, PID, HERE],
+                                [2, "s", borrowed, PID, HERE],
+                                [3, "s", elsewhere, PID, "10.0.0.2:7000"]]
+
+
+def test_resolve_args_fails_a_task_whose_argument_failed():
+    t = ReferenceTable(NODE, PID, HERE)
+    err = error_wire(RaySystemError("boom"))
+    failed = _owned(t, wire=err)
+    task = _task([(0, _ref(_owned(t, wire=_VALUE))), (1, _ref(failed))])
+    assert t.resolve_args(task) is err
+    assert "deps" not in task.msg
+
+
+def test_unreferenced_after_completion():
+    t = ReferenceTable(NODE, PID, HERE)
+    oid = _owned(t, count=0)
+    assert t.unreferenced(oid, t.owned[oid])
+    t.owned[oid].escaped = True
+    assert not t.unreferenced(oid, t.owned[oid])
+    other = _owned(t, count=1)
+    assert not t.unreferenced(other, t.owned[other])
+
+
+def test_stored_records_the_location_for_gcsd():
+    t = ReferenceTable(NODE, PID, HERE)
+    t.stored(b"o" * 20, 123)
+    assert t.take_object_events() == {b"o" * 20: {"node_id": NODE, "size": 123,
+                                                  "state": "IN_STORE", "owner_pid": PID}}
+
+
+# ---------------------------------------------------------- task manager
+def test_task_rows_carry_the_whole_spec_with_each_state():
+    m = TaskManager()
+    task = _task()
+    m.add(task)
+    assert m.get(task.tid) is task
+    first = m.take_events()
+    assert first == {task.tid: {**task.event, "state": "PENDING"}}
+    m.mark(task, "RUNNING")
+    m.done(task, "FINISHED")
+    (row,) = m.take_events().values()
+    assert row == {**task.event, "state": "FINISHED"}  # lineage: spec, not just state
+    assert m.events == {} and m.get(task.tid) is None
+    assert "state" not in task.event
+
+
+def test_done_lets_the_arguments_go():
+    m = TaskManager()
+    task = _task([(0, _ref(os.urandom(20)))])
+    task.args_hold = [object()]
+    m.add(task)
+    m.done(task, "FAILED")
+    assert task.args_hold is None and task.deps == []
+    assert task.tid not in m.pending
+
+
+def test_reply_outcomes():
+    m = TaskManager()
+    task = _task(retries=1)
+    task.lease = object()
+    assert m.on_reply(task, 2) == task_manager.RETRY  # retryable exception
+    assert task.retries_left == 0 and task.lease is None
+    assert m.on_reply(task, 2) == task_manager.FAILED  # no retries left
+    assert m.on_reply(_task(retries=5), 1) == task_manager.FAILED  # plain exceptions never retry
+    assert m.on_reply(_task(), 0) == task_manager.FINISHED
+
+
+def test_a_cancelled_task_is_never_retried():
+    m = TaskManager()
+    task = _task(retries=3)
+    m.add(task)
+    assert m.cancel(task.tid) is task
+    assert task.cancelled and task.retries_left == 0
+    assert m.on_reply(task, 2) == task_manager.CANCELLED
+    assert m.on_connection_lost(task) == task_manager.CANCELLED
+    assert m.on_reply(task, 0) == task_manager.FINISHED  # it finished before the cancel landed
+    assert m.cancel(os.urandom(16)) is None
+
+
+def test_a_lost_connection_retries_until_the_budget_is_spent():
+    m = TaskManager()
+    task = _task(retries=2)
+    outcomes = []
+    for _ in range(3):
+        task.lease = object()
+        outcomes.append(m.on_connection_lost(task))
+        assert task.lease is None
+    assert outcomes == [task_manager.RETRY, task_manager.RETRY, task_manager.FAILED]
