@@ -273,7 +273,8 @@ class TaskRunner:
                 oid = tid + i.to_bytes(4, "little")
                 buf = core.write_store(oid, ser)
                 del buf  # the owner pins its own copy when it reads the reply
-                rets.append(["s", core.store_address])  # where an owner elsewhere pulls from
+                # Where an owner elsewhere pulls from, and how big (for locality).
+                rets.append(["s", core.store_address, ser.store_size()])
         return rets
 
 

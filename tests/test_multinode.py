@@ -374,3 +374,26 @@ def test_refs_nested_in_values_are_read_on_other_nodes(cluster):
     out = ray.get(total.options(scheduling_strategy=Affinity(head)).remote([put_ref, made]),
                   timeout=60)
     assert out == (6_000_000 + 7_000_000, head)
+
+
+def test_a_task_goes_to_the_node_holding_its_big_argument(cluster):
+    import numpy as np
+
+    import libclient as ray
+    from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy as Affinity
+
+    worker = next(iter(cluster.worker_nodes)).node_id
+
+    @ray.remote(num_cpus=0)
+    def make(n):
+        return np.ones(n, dtype=np.uint8)
+
+    @ray.remote(num_cpus=1)
+    def use(a):
+        return a.nbytes, _node_of()
+
+    big = make.options(scheduling_strategy=Affinity(worker)).remote(20_000_000)
+    ray.wait([big])
+    # The head (1 CPU, idle) would take it by default; 20 MB on the worker node wins.
+    for _ in range(3):
+        assert ray.get(use.remote(big), timeout=60) == (20_000_000, worker)

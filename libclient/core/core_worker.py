@@ -101,7 +101,8 @@ class CoreWorker:
         self._tasks = TaskManager()
         self._io = IoLoop(self._lock, conn, {"t": "hello", "kind": "remote", "pid": self.pid,
                                              "r": 0, "worker_id": self.worker_id})
-        self._submitter = TaskSubmitter(self._io, self._refs, self._tasks, self._finish_error)
+        self._submitter = TaskSubmitter(self._io, self._refs, self._tasks, self._finish_error,
+                                        self.gcs)
         self._actors = ActorSubmitter(self._io, self._refs, self._tasks, self.gcs, self.node_id,
                                       self._finish_error, self._task_done)
         object_ref._incref = self._refs.incref
@@ -565,6 +566,7 @@ class CoreWorker:
                 entry.wire = ret[1]
             elif len(ret) > 1 and ret[1] and ret[1] != self.store_address:
                 entry.loc = ret[1]  # on the worker's node; pulled when someone gets it
+                entry.loc_size = ret[2] if len(ret) > 2 and isinstance(ret[2], int) else 0
             else:
                 entry.buf = self._store.pin(oid)
                 if entry.buf is None:

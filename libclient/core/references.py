@@ -50,13 +50,14 @@ READY = 1
 class Entry:
     """An owned object: pending until its task replies, then inline or stored."""
 
-    __slots__ = ("state", "wire", "buf", "escaped", "waiters", "count", "loc")
+    __slots__ = ("state", "wire", "buf", "escaped", "waiters", "count", "loc", "loc_size")
 
     def __init__(self) -> None:
         self.state = PENDING
         self.wire: list[Any] | None = None  # [kind, meta, [bufs]] when inline
         self.buf: Any = None  # pinned pyarrow Buffer when in stored
         self.loc = ""  # another node's store that holds it (a remote task's big return)
+        self.loc_size = 0  # its size there, for lease locality
         self.escaped = False
         self.waiters: list[Any] | None = None  # tasks waiting for this value
         self.count = 0
@@ -182,6 +183,20 @@ class ReferenceTable:
         waiters = entry.waiters
         entry.waiters = None
         return entry.escaped, waiters
+
+    def arg_bytes(self, task: Any) -> dict[str, int]:
+        """Bytes of the task's by-id arguments per store address (ours or another
+        node's), as far as this owner knows them: the locality of a lease."""
+        out: dict[str, int] = {}
+        for _slot, ref in task.deps:
+            entry = self.owned.get(ref._id)
+            if entry is None:
+                continue
+            if entry.buf is not None:
+                out[self.store_address] = out.get(self.store_address, 0) + entry.buf.size
+            elif entry.loc:
+                out[entry.loc] = out.get(entry.loc, 0) + entry.loc_size
+        return out
 
     def resolve_args(self, task: Any) -> list | None:
         """Put each argument into the task message: an owned inline value by

@@ -56,6 +56,7 @@ MAX_LEASE_REQUESTS = 16
 TARGET_PIPELINE_S = 0.002
 MAX_DEPTH = 16
 CANCEL_RESEND_S = 0.2
+_LOCALITY_MIN_BYTES = 1 << 20
 
 
 class Lease(Conn):
@@ -99,8 +100,10 @@ class TaskSubmitter:
     """Queues normal tasks per scheduling class and runs them on leased workers."""
 
     def __init__(self, io: IoLoop, refs: ReferenceTable, tasks: TaskManager,
-                 finish_error: Callable[[Task, list], None]) -> None:
+                 finish_error: Callable[[Task, list], None], gcs: Any = None) -> None:
         self._io = io
+        self._gcs = gcs  # node table, to name the nodes that hold arguments
+        self._store_nodes: dict[str, bytes] = {}  # store address -> node id
         self._refs = refs
         self._tasks = tasks
         self._finish_error = finish_error  # fail a task's returns and end it
@@ -184,7 +187,27 @@ class TaskSubmitter:
         msg = {"t": "lease", "r": rid, "res": cls.demand}
         if cls.strategy is not None:
             msg["strategy"] = cls.strategy
+        elif cls.queue and cls.queue[0].deps:
+            locality = self._locality(cls.queue[0])
+            if locality:
+                msg["locality"] = locality
         self._io.raylet_send(msg)
+
+    def _locality(self, task: Task) -> dict[bytes, int]:
+        """Argument bytes per node id for the raylet's policy, which prefers the
+        node holding most of them (the Ray paper's locality-aware placement).
+        Only sizeable arguments (>= 1 MiB) are worth moving the task for."""
+        by_store = self._refs.arg_bytes(task)
+        if not by_store or max(by_store.values()) < _LOCALITY_MIN_BYTES:
+            return {}
+        nodes = self._store_nodes
+        if any(addr not in nodes for addr in by_store):
+            try:
+                nodes.update({n["store_address"]: n["node_id"] for n in self._gcs.get_nodes()
+                              if n.get("store_address") and n.get("state") == "ALIVE"})
+            except Exception:
+                return {}
+        return {nodes[a]: b for a, b in by_store.items() if a in nodes and b}
 
     # --------------------------------------------------------------- leases
     def on_lease_reply(self, rid: int, msg: dict, source: RemoteRaylet | None = None) -> None:
