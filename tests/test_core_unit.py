@@ -241,3 +241,15 @@ def test_a_lost_connection_retries_until_the_budget_is_spent():
         outcomes.append(m.on_connection_lost(task))
         assert task.lease is None
     assert outcomes == [task_manager.RETRY, task_manager.RETRY, task_manager.FAILED]
+
+
+def test_import_libclient_leaves_pyarrow_for_later():
+    # pyarrow (via store_client) costs ~100 ms: importing libclient must not
+    # pay it, so a worker registers with its raylet first, as before the split.
+    import subprocess
+    import sys
+
+    code = "import sys, libclient; assert 'pyarrow' not in sys.modules, 'pyarrow imported'"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]

@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from libclient import serialization
 from libclient.core.references import Entry, ReferenceTable
@@ -43,7 +43,9 @@ from libclient.exceptions import (
 )
 from libclient.object_ref import ObjectRef
 from libclient.protocol import ProtocolError
-from libclient.store_client import StoreClient
+
+if TYPE_CHECKING:
+    from libclient.store_client import StoreClient
 
 
 class StoreProvider:
@@ -52,6 +54,11 @@ class StoreProvider:
     def __init__(self, socket_path: str, name: str, *, pid: int, lock: threading.RLock,
                  refs: ReferenceTable, gcs: Any, address: str,
                  blocked: Callable[[bool], None]) -> None:
+        # Imported here, not at module level: store_client brings in pyarrow,
+        # which would double the time ``import libclient`` takes (a worker
+        # then registers with its raylet before paying for it, as before).
+        from libclient.store_client import StoreClient
+
         self.socket_path = socket_path
         self.address = address  # our stored, as other nodes reach it (for pulls)
         self.client = StoreClient(socket_path, name=name)
@@ -153,6 +160,8 @@ class StoreProvider:
         # Waits and pulls block; keep them off the connection that gets,
         # puts and releases use.
         if self._wait_client is None:
+            from libclient.store_client import StoreClient
+
             self._wait_client = StoreClient(self.socket_path, name=f"wait-{self._pid}")
         return self._wait_client
 
