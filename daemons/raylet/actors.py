@@ -45,6 +45,8 @@ class ActorRecord:
     no_restart: bool = False
     worker_id: bytes | None = None
     create_r: int | None = None  # the creator's request id, answered once
+    strategy: Any = None  # the creation's strategy as it came on the wire
+    owner_node: bytes = b""  # the creator's node (fate-sharing when that node dies)
 
     def public(self, node_id: bytes) -> dict[str, Any]:
         """The row written to gcsd's actors table."""
@@ -87,6 +89,42 @@ class ActorDirectory:
                              create_r=create_r)
         self.actors[actor_id] = record
         return record
+
+    def adopt(self, actor_id: bytes, spec: dict[str, Any], demand: dict[str, float],
+              max_restarts: int, num_restarts: int, strategy: Any,
+              owner_node: bytes) -> ActorRecord:
+        """Take over an actor whose node died (actor_failover): it restarts
+        here, with no creator connection until its owner re-registers."""
+        old = self.actors.get(actor_id)
+        if old is not None and old.state != DEAD:
+            raise ValueError("actor is already managed here")
+        record = ActorRecord(actor_id, spec, demand, None, max_restarts, state=RESTARTING,
+                             num_restarts=num_restarts, strategy=strategy,
+                             owner_node=owner_node)
+        self.actors[actor_id] = record
+        return record
+
+    def reown(self, actor_id: bytes, conn_id: int) -> bool:
+        """The creator of a non-detached actor taken over here registers again:
+        the actor ends when that connection does, as before the takeover."""
+        record = self.actors.get(actor_id)
+        if (record is None or record.state == DEAD or record.owner_conn is not None
+                or record.spec.get("detached")):
+            return False
+        record.owner_conn = conn_id
+        return True
+
+    def owner_node_died(self, node_id: bytes) -> list[ActorRecord]:
+        """Non-detached actors whose creator ran on a node that died: they die too."""
+        out = []
+        for record in self.actors.values():
+            if (record.owner_node == node_id and record.state != DEAD
+                    and not record.spec.get("detached")):
+                record.no_restart = True
+                record.death_cause = (f"the actor's owner's node {node_id.hex()} died "
+                                      "(a non-detached actor shares its owner's fate)")
+                out.append(record)
+        return out
 
     def ready(self, actor_id: bytes, pid: int, socket: str,
               address: str = "") -> ActorRecord | None:

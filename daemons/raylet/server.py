@@ -24,6 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
+from daemons.raylet import actor_failover
 from daemons.raylet import actors as actor_states
 from daemons.raylet.actors import ActorDirectory, ActorRecord, Dead, Restart
 from daemons.raylet.cluster_view import ClusterView
@@ -50,6 +53,9 @@ _REPORT_S = 0.1  # at most ten resource reports a second per node
 _MAX_START_FAILURES = 5
 _ACTORS = -1  # client id of lease requests the raylet makes for its actors
 _START_BACKOFF_S = 5.0
+# After a node dies, nodes that could host its actors claim them at once;
+# the others park the rest (RESTARTING on no node) only after this delay.
+_PARK_DELAY_S = 1.0
 _CPU = ("CPU",)
 
 
@@ -127,6 +133,10 @@ class Raylet:
         self._report_version = 0
         self.cluster_nodes: dict[bytes, dict[str, Any]] = {}  # gcsd's node rows, kept current
         self._node_sub: Any = None
+        # When to look at the actors of dead nodes (actor_failover): first to
+        # claim what fits here, later also to park what fits nowhere known.
+        self._sweep_at: float | None = None
+        self._park_at: float | None = None
         self.prestart = int(resources.get("CPU", 0))
         # Workers that exit before registering, in a row (a broken Python
         # environment, say). Past the limit, waiting leases fail with the
@@ -298,11 +308,18 @@ class Raylet:
         elif t == "create_actor":
             self._on_create_actor(conn, msg)
         elif t == "kill_actor":
-            record = self.actors.kill(mfield(msg, "actor_id", bytes),
-                                      bool(msg.get("no_restart", True)),
-                                      mfield(msg, "cause", str, "killed by kill()"))
+            actor_id = mfield(msg, "actor_id", bytes)
+            no_restart = bool(msg.get("no_restart", True))
+            cause = mfield(msg, "cause", str, "killed by kill()")
+            record = self.actors.kill(actor_id, no_restart, cause)
             if record is not None:
                 self._kill_actor(record)
+            elif no_restart and actor_id not in self.actors.actors:
+                self._kill_orphan(actor_id, cause)
+        elif t == "own_actor":
+            if self.actors.reown(mfield(msg, "actor_id", bytes), conn.cid):
+                self.log.info("actor_owner_registered", actor_id=msg["actor_id"].hex(),
+                              conn=conn.cid)
         elif t == "actor_ready" and conn.actor_id is not None:
             self._on_actor_ready(conn, msg)
         elif t == "actor_failed" and conn.actor_id is not None:
@@ -543,6 +560,9 @@ class Raylet:
         grant_or_reject = bool(mfield(msg, "grant_or_reject", bool, False))
         strategy = _strategy(msg.get("strategy"))
         self._know_target(strategy)
+        record.strategy = msg.get("strategy")
+        record.owner_node = (self.node_id if conn.sock.family == socket.AF_UNIX
+                             else mfield(msg, "owner_node", bytes, b""))
         if grant_or_reject and not demand.fits_in(self.total):
             self.actors.init_failed(actor_id, f"infeasible: needs {res}, node has "
                                               f"{self.total.to_dict()}")
@@ -578,7 +598,10 @@ class Raylet:
         worker.actor_id = record.actor_id
         record.worker_id = worker.worker_id
         if self._actor_creators.pop(record.actor_id, None) is not None:
-            self._publish_actor(record)  # placed here: this raylet manages it now
+            # Placed here: this raylet manages it now. A restartable actor's
+            # spec goes to gcsd first, so it can restart elsewhere if we die.
+            self._record_for_failover(record)
+            self._publish_actor(record)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(worker.socket_path)
@@ -664,12 +687,20 @@ class Raylet:
         self._answer_creator(record, {"ok": False, "error": "actor_died",
                                       "msg": record.death_cause,
                                       "wire": record.spec.get("death_wire")})
-        name = record.spec.get("name")
-        if name and self.gcs is not None:
-            try:
-                self.gcs.kv_del("actor_names:" + record.spec.get("namespace", ""), name.encode())
-            except Exception as exc:
-                self.log.warning("actor_name_release_failed", error=str(exc))
+        self._release_name(record.actor_id, record.spec)
+        if record.max_restarts and self.gcs is not None:
+            self._forget_failover(record.actor_id)
+
+    def _release_name(self, actor_id: bytes, spec: dict[str, Any]) -> None:
+        name = spec.get("name")
+        if not name or self.gcs is None:
+            return
+        ns = "actor_names:" + spec.get("namespace", "")
+        try:
+            if self.gcs.kv_get(ns, name.encode()) == actor_id:  # not a successor's
+                self.gcs.kv_del(ns, name.encode())
+        except Exception as exc:
+            self.log.warning("actor_name_release_failed", error=str(exc))
 
     def _answer_creator(self, record: ActorRecord, reply: dict[str, Any]) -> None:
         if record.create_r is None or record.owner_conn is None:
@@ -689,14 +720,140 @@ class Raylet:
             self.log.warning("actor_publish_failed", actor_id=record.actor_id.hex(),
                              error=str(exc))
 
+    # ---- actors of dead nodes (actor_failover decides) ----------------------
+    def _record_for_failover(self, record: ActorRecord) -> None:
+        if not record.max_restarts or self.gcs is None:
+            return
+        body = actor_failover.failover_record(record.spec, record.demand, record.strategy,
+                                              record.owner_node)
+        try:
+            self.gcs.kv_put(actor_failover.RECORDS_NS, record.actor_id,
+                            msgpack.packb(body, use_bin_type=True))
+        except Exception as exc:
+            self.log.warning("actor_failover_record_failed", actor_id=record.actor_id.hex(),
+                             error=str(exc))
+
+    def _forget_failover(self, actor_id: bytes) -> None:
+        """The actor is DEAD: drop its record and the claims on its rows."""
+        try:
+            self.gcs.kv_del(actor_failover.RECORDS_NS, actor_id)
+            for key in self.gcs.kv_keys(actor_failover.CLAIMS_NS,
+                                        actor_failover.claims_prefix(actor_id)):
+                self.gcs.kv_del(actor_failover.CLAIMS_NS, key)
+        except Exception as exc:
+            self.log.warning("actor_failover_cleanup_failed", actor_id=actor_id.hex(),
+                             error=str(exc))
+
+    def _schedule_sweeps(self) -> None:
+        now = time.monotonic()
+        if self._sweep_at is None:
+            self._sweep_at = now
+        self._park_at = now + _PARK_DELAY_S
+
+    def _run_due_sweeps(self, now: float) -> None:
+        park = self._park_at is not None and self._park_at <= now
+        if park:
+            self._sweep_at = self._park_at = None
+        elif self._sweep_at is not None and self._sweep_at <= now:
+            self._sweep_at = None
+        else:
+            return
+        self._sweep_orphans(park)
+
+    def _dead_nodes(self) -> set[bytes]:
+        return {n for n, row in self.cluster_nodes.items() if row.get("state") != "ALIVE"}
+
+    def _sweep_orphans(self, may_park: bool) -> None:
+        """Read the actors of dead nodes and claim what this raylet should act on."""
+        dead = self._dead_nodes()
+        if not dead:
+            return
+        try:
+            rows = [v for _, v in self.gcs.table_scan("actors")]
+            orphans = [r for r in rows if actor_failover.is_orphan(r, dead)]
+            records = {}
+            for row in orphans:
+                if int(row.get("num_restarts") or 0) < int(row.get("max_restarts") or 0):
+                    raw = self.gcs.kv_get(actor_failover.RECORDS_NS, row["actor_id"])
+                    if raw is not None:
+                        records[row["actor_id"]] = msgpack.unpackb(raw, raw=False)
+        except Exception as exc:
+            self.log.warning("actor_sweep_failed", error=str(exc))
+            return
+        plan = actor_failover.plan_orphans(orphans, dead_nodes=dead, my_node=self.node_id,
+                                           my_total=self.total, records=records,
+                                           may_park=may_park)
+        for takeover in plan:
+            try:
+                won = self.gcs.kv_put(actor_failover.CLAIMS_NS, takeover.claim, self.node_id,
+                                      overwrite=False)
+            except Exception as exc:
+                self.log.warning("actor_claim_failed", actor_id=takeover.actor_id.hex(),
+                                 error=str(exc))
+                continue
+            if won:
+                self._take_over(takeover)
+
+    def _take_over(self, t: actor_failover.Takeover) -> None:
+        self.log.warning("actor_failover", actor_id=t.actor_id.hex(), action=t.action,
+                         num_restarts=t.row.get("num_restarts"),
+                         cause=t.row.get("death_cause", ""))
+        if t.action in (actor_failover.DECLARE_DEAD, actor_failover.PARK):
+            try:
+                self.gcs.table_put("actors", t.actor_id, t.row)
+            except Exception as exc:
+                self.log.warning("actor_publish_failed", actor_id=t.actor_id.hex(),
+                                 error=str(exc))
+            if t.action == actor_failover.DECLARE_DEAD:
+                self._release_name(t.actor_id, {"name": t.row.get("name"),
+                                                "namespace": t.row.get("namespace", "")})
+                self._forget_failover(t.actor_id)
+            return
+        rec = t.record or {}
+        try:
+            record = self.actors.adopt(t.actor_id, rec["spec"], rec.get("demand") or {},
+                                       int(t.row["max_restarts"]), int(t.row["num_restarts"]),
+                                       rec.get("strategy"), rec.get("owner_node") or b"")
+        except (KeyError, TypeError, ValueError) as exc:
+            self.log.warning("actor_adopt_failed", actor_id=t.actor_id.hex(), error=str(exc))
+            return
+        self._publish_actor(record)  # RESTARTING here: callers and kills find us
+        self._request_actor_lease(record)
+
+    def _kill_orphan(self, actor_id: bytes, cause: str) -> None:
+        """``kill`` of an actor nobody manages (parked, or its node dead): claim and end it."""
+        if self.gcs is None:
+            return
+        try:
+            row = self.gcs.table_get("actors", actor_id)
+            if not actor_failover.is_orphan(row, self._dead_nodes()):
+                # Its raylet may be dead without gcsd knowing yet: make sure a
+                # later takeover ends it instead of bringing it back.
+                if (isinstance(row, dict) and row.get("state") != actor_states.DEAD
+                        and self.gcs.kv_exists(actor_failover.RECORDS_NS, actor_id)):
+                    self.gcs.kv_put(actor_failover.RECORDS_NS, actor_id,
+                                    msgpack.packb({"killed": cause}, use_bin_type=True))
+                return
+            if self.gcs.kv_put(actor_failover.CLAIMS_NS, actor_failover.claim_key(row),
+                               self.node_id, overwrite=False):
+                self._take_over(actor_failover.Takeover(
+                    actor_failover.DECLARE_DEAD, actor_id, b"",
+                    {**row, "state": actor_states.DEAD, "death_cause": cause, "pid": 0,
+                     "socket": "", "address": ""}))
+        except Exception as exc:
+            self.log.warning("actor_kill_failed", actor_id=actor_id.hex(), error=str(exc))
+
     # ---- periodic ---------------------------------------------------------
     def _housekeeping(self) -> None:
         for worker in self.pool.reap():
             self._worker_gone(worker)
         self._refill()
         if self.gcs is not None:
-            self._report(time.monotonic())
+            now = time.monotonic()
+            self._report(now)
             self._follow_nodes()
+            if self._park_at is not None:
+                self._run_due_sweeps(now)
 
     def _report(self, now: float) -> None:
         """Tell gcsd we live, and what is free when that changed.
@@ -761,6 +918,14 @@ class Raylet:
         if old is not None and old.get("state") == "ALIVE" and row.get("state") != "ALIVE":
             self.log.warning("node_dead_seen", node=node_id.hex(),
                              reason=row.get("death_reason", ""))
+        if (row.get("state") != "ALIVE" and node_id != self.node_id
+                and (old is None or old.get("state") == "ALIVE")):
+            # A node died (or died before we joined): its actors need a new
+            # home or a death notice, and actors it owned share its fate.
+            self.cluster_nodes[node_id] = row
+            for record in self.actors.owner_node_died(node_id):
+                self._kill_actor(record)
+            self._schedule_sweeps()
         elif old is None and row.get("state") == "ALIVE" and node_id != self.node_id:
             self.log.info("node_joined", node=node_id.hex(),
                           address=row.get("raylet_address", ""))

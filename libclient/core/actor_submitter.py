@@ -24,8 +24,14 @@ fails every queued call with ActorDiedError.
 or answers ``spill`` with another node's raylet, which the creator then asks
 (``grant_or_reject``) and which manages the actor from then on: kills and
 scoped ends go to it. Callers on other nodes reach the actor's worker over
-TCP. If the actor's node dies there is no raylet left to publish its
-death, so a caller waiting for a new incarnation checks gcsd's node table.
+TCP. If the actor's node dies, the surviving raylets restart it elsewhere
+while it has restarts left (``daemons/raylet/actor_failover.py``): its row
+goes RESTARTING, then ALIVE with a new node, pid and address, and callers
+reconnect. A caller waiting on a row that stays on a dead node checks gcsd's
+node table: no restarts left means dead at once; otherwise it waits at most
+``ORPHAN_GRACE_S`` for a raylet to act, then fails the calls. The creator of
+a non-detached actor that moved registers as its owner at the new raylet
+(``own_actor``), so the actor still ends with its creator.
 
 *Kill.* ``kill`` goes through the (managing) raylet, but calls go straight to the
 actor, so the caller also marks the actor dead (or its incarnation lost, to
@@ -53,6 +59,9 @@ from libclient.core.task_manager import Task, TaskManager
 from libclient.protocol import FrameDecoder, pack
 
 POLL_S = 0.25
+# How long a caller waits for a surviving raylet to take over a restartable
+# actor whose node died before it gives up on it (never hang).
+ORPHAN_GRACE_S = 10.0
 _SPEC_KEYS = ("class_name", "name", "namespace", "detached", "max_restarts",
               "max_concurrency", "is_async", "meta")
 
@@ -62,7 +71,8 @@ class ActorConn(Conn):
 
     __slots__ = ("actor_id", "key", "state", "queue", "pid", "socket_path", "lost_pid",
                  "dead_wire", "create_task", "next_poll", "handles", "scoped", "escaped",
-                 "released", "node_id", "address", "raylet", "create_msg")
+                 "released", "node_id", "address", "raylet", "create_msg", "lost_node",
+                 "orphan_since", "owned", "owner_at", "create_lost")
 
     def __init__(self, actor_id: bytes) -> None:
         super().__init__(None)
@@ -84,6 +94,11 @@ class ActorConn(Conn):
         self.address = ""  # its worker's "host:port"
         self.raylet: RemoteRaylet | None = None  # the raylet managing it, if not ours
         self.create_msg: dict | None = None  # kept until placed (it may be spilled)
+        self.lost_node = b""  # the node of the lost incarnation (with lost_pid)
+        self.orphan_since = 0.0  # when we saw its row stuck on a dead node
+        self.owned = False  # created here and not detached: it ends with us
+        self.owner_at = b""  # the node whose raylet knows us as its owner
+        self.create_lost = False  # the raylet placing it died: follow the row
 
 
 class ActorSubmitter:
@@ -129,8 +144,9 @@ class ActorSubmitter:
         m = task.msg
         spec = {"cls": m["fn"], "args": m["args"], "deps": m.get("deps"),
                 "job": job_id, **{k: m[k] for k in _SPEC_KEYS if k in m}}
+        a.owned = not m.get("detached")
         a.create_msg = {"t": "create_actor", "r": rid, "actor_id": a.actor_id,
-                        "res": task.demand, "spec": spec}
+                        "res": task.demand, "spec": spec, "owner_node": self._node_id}
         if m.get("strategy") is not None:
             a.create_msg["strategy"] = m["strategy"]
         self._io.raylet_send(a.create_msg)
@@ -163,6 +179,7 @@ class ActorSubmitter:
         elif msg.get("ok"):
             a.state, a.pid, a.socket_path = "ALIVE", msg["pid"], msg["socket"]
             a.node_id, a.address = msg.get("node_id") or b"", msg.get("address") or ""
+            a.owner_at = a.node_id
         else:
             a.state = "DEAD"
             a.dead_wire = actor_died_wire(a.actor_id, msg.get("msg", msg.get("error", "")),
@@ -193,7 +210,8 @@ class ActorSubmitter:
                                    a.dead_wire or actor_died_wire(a.actor_id, ""))
             return
         if a.sock is None:
-            if a.state == "ALIVE" and a.socket_path and a.pid != a.lost_pid:
+            if a.state == "ALIVE" and a.socket_path and (a.pid, a.node_id) != (a.lost_pid,
+                                                                              a.lost_node):
                 self._connect(a)
             if a.sock is None:
                 if a.queue:
@@ -221,7 +239,7 @@ class ActorSubmitter:
         try:
             sock = connect_worker({"address": a.address, "socket": a.socket_path}, remote)
         except (OSError, ValueError):
-            a.lost_pid = a.pid
+            a.lost_pid, a.lost_node = a.pid, a.node_id
             self._watch(a)
             return
         a.sock, a.dead, a.decoder, a.out = sock, False, FrameDecoder(), bytearray()
@@ -232,7 +250,7 @@ class ActorSubmitter:
         if a.sock is not None:
             self._io.close_conn(a)
         a.sock, a.dead = None, True
-        a.lost_pid = a.pid
+        a.lost_pid, a.lost_node = a.pid, a.node_id
         if a.state == "ALIVE":
             a.state = "UNKNOWN"
         retry = []
@@ -274,22 +292,55 @@ class ActorSubmitter:
         if a is None or a.state == "DEAD":
             return
         state = rec.get("state")
-        if state == "ALIVE" and rec.get("pid") != a.lost_pid:
-            if a.sock is not None and a.pid != rec.get("pid"):
+        node = rec.get("node_id") or b""
+        if state == "ALIVE" and (rec.get("pid"), node) != (a.lost_pid, a.lost_node):
+            if a.sock is not None and (a.pid, a.node_id) != (rec.get("pid"), node):
                 self.conn_lost(a, "the actor restarted")
             a.state, a.pid, a.socket_path = "ALIVE", rec.get("pid", 0), rec.get("socket", "")
-            a.node_id, a.address = rec.get("node_id") or b"", rec.get("address") or ""
-            a.next_poll = 0.0
+            a.node_id, a.address = node, rec.get("address") or ""
+            a.next_poll = a.orphan_since = 0.0
+            self._finish_lost_create(a, True)
+            self._reown(a)
             self.pump(a)
         elif state == "DEAD":
             a.state = "DEAD"
             a.next_poll = 0.0
             if a.dead_wire is None:
                 a.dead_wire = actor_died_wire(a.actor_id, rec.get("death_cause", ""))
+            self._finish_lost_create(a, False)
             if a.sock is None:
                 self.pump(a)
         elif state in ("PENDING_CREATION", "RESTARTING"):
             a.state = state
+            if node != a.node_id:  # taken over by another node, or parked on none
+                a.node_id, a.address = node, ""
+                if not node:
+                    a.raylet = None  # kills go to our raylet, which ends orphans
+
+    def _finish_lost_create(self, a: ActorConn, ok: bool) -> None:
+        """The raylet placing our actor died; its row tells how the creation ended."""
+        if not a.create_lost:
+            return
+        a.create_lost, a.create_msg = False, None
+        task, a.create_task = a.create_task, None
+        if task is not None:
+            self._task_done(task, "FINISHED" if ok else "FAILED")
+
+    def _reown(self, a: ActorConn) -> None:
+        """Our non-detached actor now lives under another raylet (its node died):
+        tell that raylet we own it, so it still ends when we do."""
+        if a.owned and a.owner_at != a.node_id and (a.owner_at or a.create_task is None):
+            a.owner_at = a.node_id
+            self._io.send_to(self._managing_raylet(a), {"t": "own_actor",
+                                                        "actor_id": a.actor_id})
+
+    def remote_raylet_lost(self, rr: RemoteRaylet) -> None:
+        """Another node's raylet went away: creations it was placing follow the row."""
+        for rid, a in list(self._creates.items()):
+            if a.raylet is rr:
+                del self._creates[rid]
+                a.create_lost = True
+                self._watch(a)
 
     def poll(self, now: float) -> None:
         """Read published rows; poll the rows of actors we wait for (I/O thread)."""
@@ -309,19 +360,47 @@ class ActorSubmitter:
                 a.next_poll = now + POLL_S
                 try:
                     rec = self._gcs.table_get("actors", a.actor_id)
-                    if (isinstance(rec, dict) and rec.get("state") == "ALIVE"
-                            and rec.get("pid") == a.lost_pid and rec.get("node_id")
-                            and rec["node_id"] != self._node_id):
-                        # Nobody is left to publish its death if its node died.
+                    if rec is None and a.create_lost:
+                        self._create_again(a)
+                        continue
+                    if _maybe_orphan(rec, a, self._node_id):
                         if dead_nodes is None:
                             dead_nodes = {n["node_id"] for n in self._gcs.get_nodes()
                                           if n.get("state") != "ALIVE"}
-                        if rec["node_id"] in dead_nodes:
-                            rec = {**rec, "state": "DEAD", "death_cause":
-                                   f"the actor's node {rec['node_id'].hex()} died"}
+                        rec = self._orphan_verdict(a, rec, rec["node_id"] in dead_nodes, now)
                     self.on_record(rec)
                 except Exception:
                     pass
+
+    def _orphan_verdict(self, a: ActorConn, rec: dict, node_dead: bool, now: float) -> dict:
+        """A row stuck on a node: if that node is dead and the actor cannot
+        restart, it is dead now; if it can, a surviving raylet should take it
+        over, and we wait for that at most ``ORPHAN_GRACE_S``."""
+        if not node_dead:
+            a.orphan_since = 0.0
+            return rec
+        node = rec["node_id"].hex()
+        if int(rec.get("num_restarts") or 0) >= int(rec.get("max_restarts") or 0):
+            return {**rec, "state": "DEAD", "death_cause": f"the actor's node {node} died "
+                    f"and it has no restarts left (max_restarts={rec.get('max_restarts', 0)})"}
+        if not a.orphan_since:
+            a.orphan_since = now
+        if now - a.orphan_since > ORPHAN_GRACE_S:
+            return {**rec, "state": "DEAD", "death_cause": f"the actor's node {node} died "
+                    f"and no surviving node restarted it within {ORPHAN_GRACE_S:.0f} s"}
+        return rec
+
+    def _create_again(self, a: ActorConn) -> None:
+        """The raylet placing our actor died before it published the actor:
+        nobody else knows it, so ask our own raylet to place it again."""
+        a.create_lost, a.raylet = False, None
+        if a.create_msg is None or a.state == "DEAD":
+            return
+        rid = self._io.next_raylet_id()
+        self._creates[rid] = a
+        a.create_msg = {k: v for k, v in a.create_msg.items() if k != "grant_or_reject"}
+        a.create_msg["r"] = rid
+        self._io.raylet_send(a.create_msg)
 
     # -------------------------------------------------------------- handles
     def handle_added(self, actor_id: bytes) -> None:
@@ -359,19 +438,33 @@ class ActorSubmitter:
                 "cause": "all handles to the actor went out of scope"})
 
     def _managing_raylet(self, a: ActorConn | None) -> RemoteRaylet | None:
-        """The raylet that manages an actor: the one that placed it (None: ours)."""
-        if a is None or not a.node_id or a.node_id == self._node_id:
-            return a.raylet if a is not None else None
-        if a.raylet is not None and not a.raylet.dead:
+        """The raylet that manages an actor: the one on the node its row names
+        (None: ours, which also ends actors that no live raylet manages)."""
+        if a is None:
+            return None
+        node = a.node_id
+        if not node:
+            if a.raylet is not None and not a.raylet.dead:
+                return a.raylet  # a creation being placed by the raylet it spilled to
+            if a.create_task is not None:
+                return None  # our raylet is placing it
+            try:  # a handle we never followed: its row says where it lives
+                rec = self._gcs.table_get("actors", a.actor_id)
+            except Exception:
+                return None
+            node = (rec.get("node_id") or b"") if isinstance(rec, dict) else b""
+        if not node or node == self._node_id:
+            return None
+        if a.raylet is not None and not a.raylet.dead and a.raylet.node_id == node:
             return a.raylet
         try:
             rows = self._gcs.get_nodes()
         except Exception:
             return None
-        row = next((r for r in rows if r.get("node_id") == a.node_id), None)
+        row = next((r for r in rows if r.get("node_id") == node), None)
         if row is None or row.get("state") != "ALIVE":
             return None
-        a.raylet = self._io.remote_raylet(row.get("raylet_address", ""), a.node_id)
+        a.raylet = self._io.remote_raylet(row.get("raylet_address", ""), node)
         return a.raylet
 
     def kill(self, actor_id: bytes, no_restart: bool) -> None:
@@ -420,3 +513,14 @@ class ActorSubmitter:
         """Drop the gcsd subscription (after the I/O thread has stopped)."""
         if self._sub:
             self._sub.close()
+
+
+def _maybe_orphan(rec: Any, a: ActorConn, my_node: bytes) -> bool:
+    """A row that may be stuck on a dead node: the incarnation we lost (still
+    ALIVE), or one being created or restarted on another node."""
+    if not isinstance(rec, dict) or not rec.get("node_id") or rec["node_id"] == my_node:
+        return False
+    state = rec.get("state")
+    if state == "ALIVE":
+        return (rec.get("pid"), rec["node_id"]) == (a.lost_pid, a.lost_node)
+    return state in ("PENDING_CREATION", "RESTARTING")

@@ -506,6 +506,7 @@ class CoreWorker:
                 self._on_raylet_reply(m.get("r"), m, rr)
         if failed is not None and self._io.drop_remote_raylet(rr):
             self._submitter.remote_raylet_lost(rr)
+            self._actors.remote_raylet_lost(rr)
 
     def _closed_by_raylet(self) -> None:
         self._io.raylet_closed()
