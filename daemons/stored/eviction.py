@@ -39,6 +39,10 @@ class LruPolicy:
         """Candidates, least recently used first."""
         return iter(self._lru)
 
+    def items(self) -> Iterator[tuple[bytes, int]]:
+        """``(oid, bytes)`` of the candidates, least recently used first."""
+        return iter(self._lru.items())
+
     def add(self, oid: bytes, nbytes: int) -> None:
         """Make ``oid`` evictable as the most recently used entry."""
         old = self._lru.pop(oid, None)

@@ -40,12 +40,14 @@ class Create:
     r: int
     oid: bytes
     size: int
+    wait: bool = False  # may the reply wait for spilling to make room (clients: yes)
 
 
 @dataclass(frozen=True, slots=True)
 class Seal:
     r: int
     oid: bytes
+    hold: bool = False  # the creator keeps a hold (may spill, never lost) besides its pin
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +60,19 @@ class Abort:
 class Get:
     r: int
     oids: tuple[bytes, ...]
-    timeout_ms: int  # -1 waits forever, 0 does not wait
+    timeout_ms: int  # -1 waits forever, 0 does not wait (but waits for restores)
+    hold: bool = False  # also take a hold on each object returned
 
 
 @dataclass(frozen=True, slots=True)
 class Release:
+    oids: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unhold:
+    """One-way: drop one hold per object (the owner no longer needs it kept)."""
+
     oids: tuple[bytes, ...]
 
 
@@ -100,7 +110,8 @@ class Pull:
     timeout_ms: int  # -1 waits as long as sources make progress
 
 
-Request = Hello | Create | Seal | Abort | Get | Release | Free | Delete | Contains | Stats
+Request = (Hello | Create | Seal | Abort | Get | Release | Unhold | Free | Delete | Contains
+           | Stats)
 
 
 def request_id(msg: Any) -> int | None:
@@ -123,6 +134,10 @@ def _oids(msg: dict[str, Any]) -> tuple[bytes, ...]:
     if len(raw) > MAX_OIDS:
         raise ProtocolError(f"at most {MAX_OIDS} oids per request")
     return tuple(_oid(v, "each of oids") for v in raw)
+
+
+def _flag(msg: dict[str, Any], name: str) -> bool:
+    return bool(field(msg, name, bool, False))
 
 
 def _r(msg: dict[str, Any]) -> int:
@@ -169,18 +184,20 @@ def parse(msg: dict[str, Any]) -> Request | Pull:
         timeout_ms = field(msg, "timeout_ms", int)
         if timeout_ms < -1:
             raise ProtocolError("timeout_ms must be -1, 0 or positive")
-        return Get(_r(msg), _oids(msg), timeout_ms)
+        return Get(_r(msg), _oids(msg), timeout_ms, _flag(msg, "hold"))
     if t == "release":
         return Release(_oids(msg))
+    if t == "unhold":
+        return Unhold(_oids(msg))
     if t == "free":
         return Free(_oids(msg))
     if t == "create":
         size = field(msg, "size", int)
         if size < 0:
             raise ProtocolError("size must be >= 0")
-        return Create(_r(msg), _oid(field(msg, "oid", bytes), "oid"), size)
+        return Create(_r(msg), _oid(field(msg, "oid", bytes), "oid"), size, True)
     if t == "seal":
-        return Seal(_r(msg), _oid(field(msg, "oid", bytes), "oid"))
+        return Seal(_r(msg), _oid(field(msg, "oid", bytes), "oid"), _flag(msg, "hold"))
     if t == "abort":
         return Abort(_r(msg), _oid(field(msg, "oid", bytes), "oid"))
     if t == "delete":
