@@ -91,7 +91,10 @@ class ActorHost:
             kind, err = serialization.deserialize_wire(reply["rets"][0][1])
             return cls(runner, None, spec,
                        {"t": "actor_failed", "error": str(err), "wire": reply["rets"][0][1]})
-        return cls(runner, holder[0], spec, {"t": "actor_ready"})
+        ready = {"t": "actor_ready"}
+        if reply.get("brw"):  # refs __init__ kept: the raylet passes them to the creator
+            ready["brw"] = reply["brw"]
+        return cls(runner, holder[0], spec, ready)
 
     # ------------------------------------------------------------- serving
     def serve(self, listen: socket.socket, *more: socket.socket) -> None:

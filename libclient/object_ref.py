@@ -14,7 +14,8 @@ import collections
 import threading
 from typing import Any
 
-# Set by the core worker of this process: counts(oid) += 1 on creation.
+# Set by the core worker of this process: _incref(oid, owner_pid, owner_addr)
+# counts a new handle (owned, or borrowed from another process).
 _incref: Any = None
 _released: collections.deque[bytes] = collections.deque()
 # The same for actor handles: ActorHandle.__del__ appends its actor id here.
@@ -37,7 +38,7 @@ class ObjectRef:
         self._owner_addr = owner_addr
         self._counted = False
         if _count and _incref is not None:
-            _incref(oid)
+            _incref(oid, owner_pid, owner_addr)
             self._counted = True
 
     def binary(self) -> bytes:

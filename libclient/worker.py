@@ -145,6 +145,14 @@ class TaskRunner:
         return self.execute(msg, fn)
 
     def execute(self, msg: dict, fn: Any, track: bool = True) -> dict:
+        """Run a task or actor method; the reply also lists the refs we still borrow."""
+        reply = self._execute(msg, fn, track)
+        brw = self.core.borrow_report()
+        if brw:
+            reply["brw"] = brw
+        return reply
+
+    def _execute(self, msg: dict, fn: Any, track: bool) -> dict:
         """Resolve arguments, call ``fn``, and build the reply (task or actor method).
 
         ``track`` marks the call as the process's current task, for blocked-get
@@ -184,6 +192,13 @@ class TaskRunner:
 
     async def execute_async(self, msg: dict, fn: Any) -> dict:
         """The same for an async actor's method: await it on the actor's loop."""
+        reply = await self._execute_async(msg, fn)
+        brw = self.core.borrow_report()
+        if brw:
+            reply["brw"] = brw
+        return reply
+
+    async def _execute_async(self, msg: dict, fn: Any) -> dict:
         start = time.perf_counter()
         try:
             args, kwargs = self._args(msg)
@@ -205,8 +220,12 @@ class TaskRunner:
     def finish(self, msg: dict, result: Any, start: float) -> dict:
         tid, name, nret = msg["tid"], msg.get("name", "?"), msg.get("nret", 1)
         try:
-            return {"t": "done", "tid": tid, "err": 0, "dur": time.perf_counter() - start,
-                    "rets": self._returns(tid, result, nret)}
+            nested: list = []
+            reply = {"t": "done", "tid": tid, "err": 0, "dur": time.perf_counter() - start,
+                     "rets": self._returns(tid, result, nret, msg.get("ca"), nested)}
+            if nested:
+                reply["nst"] = nested
+            return reply
         except Exception as exc:
             wrapped = TypeError(f"could not serialize the return value of {name}: {exc}")
             return self._error(tid, name, nret, wrapped, start)
@@ -253,7 +272,7 @@ class TaskRunner:
         except Exception:
             return False
 
-    def _returns(self, tid: bytes, result: Any, nret: int) -> list:
+    def _returns(self, tid: bytes, result: Any, nret: int, caller: Any, nested: list) -> list:
         if nret == 1:
             values = [result]
         else:
@@ -267,6 +286,7 @@ class TaskRunner:
             ser = serialization.serialize(value)
             if ser.refs:
                 core.escape(ser.refs)
+                nested.append([i, core.returned_refs(ser.refs, caller)])
             if ser.inline:
                 rets.append(["v", ser.to_wire()])
             else:

@@ -74,13 +74,72 @@ def test_release_frees_a_stored_copy_that_never_left_the_process():
     assert t.object_events == {}
 
 
-def test_release_keeps_an_escaped_stored_copy_for_borrowers():
+def test_an_escaped_object_lives_while_borrowers_hold_it_then_every_copy_goes():
+    t = ReferenceTable(NODE, PID, HERE)
+    oid = _owned(t, buf=object())
+    entry = t.owned[oid]
+    entry.escaped = True
+    entry.loc = "10.0.0.2:7000"  # its task ran there: a copy stays on that node
+    w1, w2 = ["10.0.0.2:7000", 11], ["10.0.0.3:7000", 12]
+    # Two workers reported (in their replies) that they kept the ref.
+    assert not t.add_borrower([oid, PID, HERE, *w1], relay=False)
+    assert not t.add_borrower([oid, PID, HERE, *w2], relay=False)
+    assert not t.add_borrower([oid, PID, HERE, *w1], relay=False)  # w1 again, later task
+    assert t.release(collections.deque([oid]), {}) == []  # our last handle goes
+    assert oid in t.owned  # ... but borrowers hold it
+    assert not t.remove_borrower(oid, tuple(w1), 1)  # one of w1's two registrations
+    assert not t.remove_borrower(oid, tuple(w2), 1)
+    assert t.remove_borrower(oid, tuple(w1), 1)  # the last one: drop it now
+    assert t.drop(oid, entry)  # the caller drops it: our copy is freed ...
+    assert t.remote_frees == {"10.0.0.2:7000": [oid]}  # ... and the remote one
+
+
+def test_an_escaped_object_nobody_borrowed_is_freed_with_its_last_handle():
     t = ReferenceTable(NODE, PID, HERE)
     oid = _owned(t, buf=object())
     t.owned[oid].escaped = True
-    assert t.release(collections.deque([oid]), {}) == []
-    assert oid not in t.owned  # forgotten here, but stored keeps the bytes
-    assert t.object_events == {}
+    assert t.release(collections.deque([oid]), {}) == [oid]
+    assert oid not in t.owned
+
+
+def test_dead_borrowers_are_forgotten():
+    t = ReferenceTable(NODE, PID, HERE)
+    oid = _owned(t, buf=object(), count=0)
+    t.add_borrower([oid, PID, HERE, "10.0.0.9:1", 5], relay=False)
+    assert t.borrower_keys() == {("10.0.0.9:1", 5)}
+    assert t.drop_borrowers_where(lambda k: k[0] == "10.0.0.9:1") == [oid]
+
+
+def test_a_borrower_reports_refs_it_kept_and_removes_them_once():
+    me = ("10.0.0.2:7000", 77)
+    t = ReferenceTable(NODE, 77, me[0])
+    x, y = os.urandom(20), os.urandom(20)
+    t.incref(x, PID, HERE)  # two refs deserialized from a task's arguments
+    t.incref(y, PID, HERE)
+    assert set(t.borrowed) == {x, y}
+    t.release(collections.deque([y]), {})
+    assert t.take_borrow_report(me) == [[x, PID, HERE, me[0], me[1]]]
+    assert t.take_borrow_report(me) is None  # reported once
+    assert t.take_removals() == {}  # y was never registered: nobody to tell
+    t.release(collections.deque([x]), {})
+    assert t.take_removals() == {(HERE, PID): [[x, 1]]}
+
+
+def test_borrows_of_a_sub_task_are_relayed_up_or_sent_to_the_owner():
+    t = ReferenceTable(NODE, 77, "10.0.0.2:7000")
+    item = [os.urandom(20), PID, HERE, "10.0.0.3:7000", 9]
+    assert not t.add_borrower(item, relay=True)  # inside a task: in our reply
+    assert t.take_borrow_report(("10.0.0.2:7000", 77)) == [item]
+    assert t.add_borrower(item, relay=False)  # a driver: the caller sends it
+
+
+def test_a_caller_registered_for_a_returned_ref_reports_its_removal():
+    t = ReferenceTable(NODE, 77, "10.0.0.2:7000")
+    x = os.urandom(20)
+    t.registered_by_caller(x, PID, HERE)
+    t.incref(x, PID, HERE)  # the handle the caller holds for the return value
+    t.release(collections.deque([x]), {})
+    assert t.take_removals() == {(HERE, PID): [[x, 1]]}
 
 
 def test_release_keeps_a_pending_object_while_its_task_runs():
@@ -170,8 +229,8 @@ def test_unreferenced_after_completion():
     t = ReferenceTable(NODE, PID, HERE)
     oid = _owned(t, count=0)
     assert t.unreferenced(oid, t.owned[oid])
-    t.owned[oid].escaped = True
-    assert not t.unreferenced(oid, t.owned[oid])
+    t.add_borrower([oid, PID, HERE, "10.0.0.2:1", 3], relay=False)
+    assert not t.unreferenced(oid, t.owned[oid])  # a borrower holds it
     other = _owned(t, count=1)
     assert not t.unreferenced(other, t.owned[other])
 

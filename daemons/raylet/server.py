@@ -12,6 +12,8 @@ Messages handled (``t``):
   return_lease  {lease_id, kill}          -> worker back to idle (or killed)
   blocked / unblocked {}                  -> a worker's task waits in get
   resources     {r}                       -> {total, available}
+  to_pid        {pid, msg, probe?}        -> msg handed to that local process
+                                             (probe: {t: pid_gone} if none)
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ _START_BACKOFF_S = 5.0
 # the others park the rest (RESTARTING on no node) only after this delay.
 _PARK_DELAY_S = 1.0
 _CPU = ("CPU",)
+# What ``to_pid`` may carry: notices between owners and borrowers, nothing else.
+_NOTICES = frozenset({"ref_removed", "add_borrower"})
 
 
 @dataclass(eq=False)
@@ -70,6 +74,7 @@ class _Conn:
     leases: set[int] = field(default_factory=set)
     closed: bool = False
     actor_id: bytes | None = None  # set on the raylet's own actor_init connections
+    pid: int = 0  # a local driver's or worker's pid (hello), for ``to_pid`` notices
 
 
 @dataclass(eq=False)
@@ -115,6 +120,7 @@ class Raylet:
             self.sel.register(tcp_listen, selectors.EVENT_READ, "tcp")
         self.sel.register(wake_fd, selectors.EVENT_READ, "wake")
         self.conns: dict[int, _Conn] = {}
+        self._by_pid: dict[int, _Conn] = {}  # local drivers and workers, by pid
         self.leases: dict[int, _Lease] = {}
         # Granted requests waiting for a worker: (request, conn, lease_r, gpus).
         self.awaiting: list[tuple[LeaseRequest, _Conn, list[int]]] = []
@@ -263,6 +269,8 @@ class Raylet:
         except (KeyError, ValueError):
             pass
         conn.sock.close()
+        if conn.pid and self._by_pid.get(conn.pid) is conn:
+            del self._by_pid[conn.pid]
         self.log.info("client_closed", conn=conn.cid, kind=conn.kind, reason=why)
         self.scheduler.cancel(conn.cid)
         self.awaiting = [a for a in self.awaiting if a[1] is not conn or self._unreserve(a)]
@@ -326,14 +334,37 @@ class Raylet:
             self._on_actor_failed(conn, msg)
         elif t == "ping":
             self._send(conn, {"r": mfield(msg, "r", int), "ok": True})
+        elif t == "to_pid":
+            self._on_to_pid(conn, msg)
         else:
             raise ProtocolError(f"unknown message type {t!r}")
+
+    def _on_to_pid(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        """Hand a borrower/owner notice to a local process (its pid), from any
+        node: owners do not listen, but every process is connected to us.
+        Only notice types are passed on; a probe for a process not connected
+        here is answered ``pid_gone``."""
+        pid = mfield(msg, "pid", int)
+        body = mfield(msg, "msg", dict)
+        target = self._by_pid.get(pid)
+        if msg.get("probe"):
+            if target is None:
+                self._send(conn, {"t": "pid_gone", "pid": pid, "store": self.store_address})
+            return
+        if body.get("t") not in _NOTICES:
+            raise ProtocolError(f"to_pid carries {body.get('t')!r}, not a notice")
+        if target is not None:
+            self._send(target, body)
 
     def _on_hello(self, conn: _Conn, msg: dict[str, Any]) -> None:
         kind = mfield(msg, "kind", str)
         if kind not in ("driver", "worker", "remote"):
             raise ProtocolError(f"unknown client kind {kind!r}")
         conn.kind = kind
+        if kind != "remote" and conn.sock.family == socket.AF_UNIX:
+            conn.pid = mfield(msg, "pid", int, 0)
+            if conn.pid:
+                self._by_pid[conn.pid] = conn
         if kind == "worker" and conn.sock.family != socket.AF_UNIX:
             raise ProtocolError("workers register over the Unix socket only")
         if kind == "worker":
@@ -631,8 +662,11 @@ class Raylet:
         self.log.info("actor_alive", actor_id=record.actor_id.hex(), worker_pid=record.pid,
                       num_restarts=record.num_restarts)
         self._publish_actor(record)
-        self._answer_creator(record, {"ok": True, "socket": record.socket, "pid": record.pid,
-                                      "address": record.address, "node_id": self.node_id})
+        answer = {"ok": True, "socket": record.socket, "pid": record.pid,
+                  "address": record.address, "node_id": self.node_id}
+        if isinstance(msg.get("brw"), list):  # refs __init__ kept, for their owners
+            answer["brw"] = msg["brw"]
+        self._answer_creator(record, answer)
 
     def _on_actor_failed(self, conn: _Conn, msg: dict[str, Any]) -> None:
         cause = mfield(msg, "error", str)

@@ -41,7 +41,16 @@ from collections.abc import Callable
 from typing import Any
 
 from daemons.stored import transfer
-from daemons.stored.messages import Abort, Create, Pull, Release, Seal, host_port, request_id
+from daemons.stored.messages import (
+    Abort,
+    Create,
+    Free,
+    Pull,
+    Release,
+    Seal,
+    host_port,
+    request_id,
+)
 from daemons.stored.pull import (
     AbortLocal,
     CancelAttempt,
@@ -578,6 +587,12 @@ class TransferShell:
                 self._queue(s, {"t": "stat", "r": req.r, "size": found[1]})
             else:
                 self._not_found(s, req.r, req.oid)
+            return
+        if isinstance(req, transfer.FreeRequest):
+            # An owner on another node let go: a copy nobody reads goes now
+            # (one being read stays, evictable, as after any free).
+            self.deliver(self.table.step(s.cid, Free((req.oid,)), now))
+            self._queue(s, {"t": "freed", "r": req.r})
             return
         pinned = self.table.pin_sealed(s.cid, req.oid)
         if pinned is None:

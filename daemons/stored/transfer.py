@@ -12,6 +12,7 @@ a ``data`` reply is followed by exactly ``len`` raw payload bytes::
     puller -> source                    source -> puller
     {t: stat, r, oid}                   {t: stat, r, size}         sealed there
     {t: read, r, oid, off, len}         {t: data, r, len} + len raw bytes
+    {t: free, r, oid}                   {t: freed, r}              (owner let go)
     either                              {t: error, r, error, msg}  not_found | bad_request
     unframeable bytes                   {t: error, r: nil, error: protocol, msg}, then close
 
@@ -69,6 +70,14 @@ class StatRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class FreeRequest:
+    """The owner let go of ``oid``: delete this store's copy if nobody reads it."""
+
+    r: int
+    oid: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class ReadRequest:
     """Puller asks for bytes ``[off, off + length)`` of ``oid``."""
 
@@ -78,7 +87,7 @@ class ReadRequest:
     length: int
 
 
-def parse_request(msg: dict[str, Any]) -> StatRequest | ReadRequest:
+def parse_request(msg: dict[str, Any]) -> StatRequest | ReadRequest | FreeRequest:
     """A source's view of one decoded request frame.
 
     Raises:
@@ -92,6 +101,8 @@ def parse_request(msg: dict[str, Any]) -> StatRequest | ReadRequest:
         raise ProtocolError(f"oid must be 1..{MAX_OID_LEN} bytes")
     if t == "stat":
         return StatRequest(r, oid)
+    if t == "free":
+        return FreeRequest(r, oid)
     if t == "read":
         off = field(msg, "off", int)
         length = field(msg, "len", int)

@@ -37,6 +37,7 @@ from libclient.core import task_manager
 from libclient.core.actor_submitter import ActorConn, ActorSubmitter
 from libclient.core.errors import error_wire
 from libclient.core.io_loop import Conn, IoLoop, RemoteRaylet
+from libclient.core.owner_notices import OwnerNotices
 from libclient.core.references import READY, Entry, ReferenceTable
 from libclient.core.store_provider import StoreProvider
 from libclient.core.task_manager import Task, TaskManager
@@ -92,6 +93,7 @@ class CoreWorker:
 
         self.gcs = GcsClient(self.gcs_address, timeout=10.0)
         self._refs = ReferenceTable(self.node_id, self.pid, self.store_address)
+        self._me = [self.store_address, self.pid]  # our key as a borrower
         self._store = StoreProvider(self.store_socket, f"{kind}-{self.pid}", pid=self.pid,
                                     lock=self._lock, refs=self._refs, gcs=self.gcs,
                                     address=self.store_address, blocked=self._set_blocked)
@@ -105,6 +107,7 @@ class CoreWorker:
                                         self.gcs)
         self._actors = ActorSubmitter(self._io, self._refs, self._tasks, self.gcs, self.node_id,
                                       self._finish_error, self._task_done)
+        self._notices = OwnerNotices(self._io, self.gcs, self.store_address, self.pid)
         object_ref._incref = self._refs.incref
         self._io.start(timeout=self._io_timeout, on_raylet=self._read_raylet,
                        on_readable=self._read_conn, tick=self._tick)
@@ -123,6 +126,86 @@ class CoreWorker:
         if self._refs.drop(oid, entry):
             self._store.free([oid])
 
+    # ------------------------------------------------------------- borrowers
+    def borrow_report(self) -> list[list] | None:
+        """At the end of a task here: the refs we still borrow (and our
+        sub-tasks' borrows to pass up), for the reply to our caller."""
+        with self._lock:
+            self._drain_released()
+            return self._refs.take_borrow_report(self._me)
+
+    def returned_refs(self, refs: list[ObjectRef], caller: Any) -> list[list]:
+        """Refs nested in a return value leave for ``caller`` ([store, pid]):
+        register it as the borrower of those we own (it reports their removal)
+        and describe them all, so the caller holds them while it holds the value."""
+        out = []
+        with self._lock:
+            key_ok = isinstance(caller, list) and len(caller) == 2
+            for ref in refs:
+                owned = ref._id in self._refs.owned
+                if owned and key_ok:
+                    self._refs.add_borrower([ref._id, self.pid, self.store_address,
+                                             caller[0], caller[1]], relay=False)
+                out.append([ref._id, ref._owner_pid, ref._owner_addr, int(owned and key_ok)])
+        return out
+
+    def _on_borrows(self, items: Any) -> None:
+        """A reply's list of borrowers (lock held): count ours, pass on the rest."""
+        if not isinstance(items, list):
+            return
+        relay = self.kind == "worker" and (self.current_task_id is not None
+                                           or self.current_actor_id is not None)
+        send = []
+        refs = self._refs
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 5 and isinstance(item[0], bytes)):
+                continue
+            if refs.add_borrower(item, relay):
+                send.append(item)
+        if send:
+            self._notices.borrows(send)
+
+    def _on_nested(self, entry: Entry | None, items: Any) -> None:
+        """Refs nested in a return value: hold them while its entry lives."""
+        if not isinstance(items, list):
+            return
+        held = []
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 4 and isinstance(item[0], bytes)):
+                continue
+            oid, opid, oaddr, registered = item
+            if registered:
+                self._refs.registered_by_caller(oid, opid, oaddr)
+            held.append(ObjectRef(oid, opid, oaddr))
+        if entry is not None and held:
+            entry.contained = (entry.contained or []) + held
+
+    def _on_owner_notice(self, msg: dict) -> None:
+        """A borrower's notice, handed to us by our raylet (lock held)."""
+        t = msg.get("t")
+        if t == "ref_removed":
+            by = msg.get("by")
+            if not (isinstance(by, list) and len(by) == 2):
+                return
+            key = (by[0], by[1])
+            for item in msg.get("items") or ():
+                if isinstance(item, list) and len(item) == 2 and isinstance(item[0], bytes):
+                    if self._refs.remove_borrower(item[0], key, int(item[1])):
+                        entry = self._refs.owned.get(item[0])
+                        if entry is not None:
+                            self._drop(item[0], entry)
+        elif t == "add_borrower":
+            self._on_borrows(msg.get("items"))
+        elif t == "pid_gone":
+            key = (msg.get("store"), msg.get("pid"))
+            self._forget_borrowers(lambda k: k == key)
+
+    def _forget_borrowers(self, dead: Any) -> None:
+        for oid in self._refs.drop_borrowers_where(dead):
+            entry = self._refs.owned.get(oid)
+            if entry is not None:
+                self._drop(oid, entry)
+
     # ------------------------------------------------------------------- put
     def put(self, value: Any) -> ObjectRef:
         """Own a new object: small values stay in memory, large ones go to stored."""
@@ -134,6 +217,7 @@ class CoreWorker:
             ref = ObjectRef(oid, self.pid, self.store_address)
             if ser.refs:
                 self.escape(ser.refs)
+                entry.contained = list(ser.refs)  # nested refs live while the value does
         if ser.inline:
             entry.wire = ser.to_wire()
         else:
@@ -365,7 +449,7 @@ class CoreWorker:
                 payload = ser.to_wire()
                 refs = ser.refs
         msg = {"t": "task", "tid": tid, "fn": fn_key, "name": name, "args": payload,
-               "nret": num_returns, "job": self.job_id}
+               "nret": num_returns, "job": self.job_id, "ca": self._me}
         if retry_exceptions:
             msg["rex"] = retry_exceptions if isinstance(retry_exceptions, bool) else \
                 serialization.serialize(retry_exceptions).to_wire()
@@ -489,6 +573,8 @@ class CoreWorker:
             if slot is not None:
                 slot[0] = msg
                 self._cv.notify_all()
+            elif rid is None and "t" in msg:
+                self._on_owner_notice(msg)
             else:
                 self._on_raylet_reply(rid, msg)
         if lost:
@@ -496,13 +582,17 @@ class CoreWorker:
 
     def _on_raylet_reply(self, rid: Any, msg: dict, source: RemoteRaylet | None = None) -> None:
         """A reply to an actor creation or a lease request (from ``source`` if not ours)."""
+        if "brw" in msg:  # refs an actor's __init__ kept: count them before the
+            self._on_borrows(msg["brw"])  # creation task lets its arguments go
         if not self._actors.on_raylet_reply(rid, msg):
             self._submitter.on_lease_reply(rid, msg, source)
 
     def _read_remote_raylet(self, rr: RemoteRaylet, msgs: list[dict] | None,
                             failed: str | None) -> None:
         for m in msgs or ():
-            if m.get("r") != 0:  # 0 is our hello
+            if m.get("t") == "pid_gone":
+                self._on_owner_notice(m)
+            elif m.get("r") != 0:  # 0 is our hello
                 self._on_raylet_reply(m.get("r"), m, rr)
         if failed is not None and self._io.drop_remote_raylet(rr):
             self._submitter.remote_raylet_lost(rr)
@@ -558,6 +648,14 @@ class CoreWorker:
                 TaskCancelledError(f"task {task.name} was cancelled")))
             return
         owned = self._refs.owned
+        if "brw" in msg:  # before the task's own hold on its arguments goes
+            self._on_borrows(msg["brw"])
+        nested = msg.get("nst")
+        if nested and isinstance(nested, list):
+            for item in nested:
+                if isinstance(item, list) and len(item) == 2 and isinstance(item[0], int) \
+                        and 0 <= item[0] < len(task.return_ids):
+                    self._on_nested(owned.get(task.return_ids[item[0]]), item[1])
         rets = msg.get("rets") or []
         for oid, ret in zip(task.return_ids, rets, strict=False):
             entry = owned.get(oid)
@@ -619,6 +717,18 @@ class CoreWorker:
         """Timers, run by the I/O thread after every turn (lock held)."""
         now = time.monotonic()
         self._drain_released()
+        refs = self._refs
+        if refs.removals:
+            self._notices.removals(refs.take_removals())
+        if refs.remote_frees:
+            self._store.free_remote(refs.remote_frees)
+            refs.remote_frees = {}
+        if self._notices.probe_due(now):
+            keys = refs.borrower_keys()
+            if keys:
+                dead = self._notices.probe(keys)
+                if dead:
+                    self._forget_borrowers(dead.__contains__)
         self._submitter.return_idle_leases(now)
         if self._actors.actors:
             self._actors.poll(now)

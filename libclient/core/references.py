@@ -30,6 +30,22 @@ here, otherwise by id with the address of the store that holds it.
 *Elsewhere.* A big return made by a task on another node stays in that
 node's store (``loc``) until someone here gets it; the owner then pulls it.
 
+*Borrowers (Ray 2's protocol, simplified).* A process that holds a ref it
+does not own is a *borrower*; it counts its handles in ``borrowed``. A task
+(or actor call) that ends while its process still holds refs it got during
+the task lists them in its reply (:meth:`take_borrow_report`), with the
+borrower's key ``(store address, pid)``; a reply's list also carries the
+borrows its own sub-tasks reported, so nested borrowers reach the owner in
+order with the reply that would otherwise let the object go. The owner
+counts each borrower (:meth:`add_borrower`) and keeps the object while any
+is left; a borrower tells the owner when its last handle goes
+(:meth:`take_removals`, sent through the owner's raylet). A worker that
+returns refs it owns registers its caller as their borrower at once, and the
+reply names them, so the caller reports their removal too. Refs nested in a
+value the owner stored (a ``put``, a return) are held by that value's entry
+(``contained``) while it lives. When nothing holds an object any more, every
+copy is freed, escaped or not.
+
 Pure: this module decides, the core worker does the I/O its answers call for
 (writing to stored, freeing), always under the core worker's one lock.
 """
@@ -50,7 +66,8 @@ READY = 1
 class Entry:
     """An owned object: pending until its task replies, then inline or stored."""
 
-    __slots__ = ("state", "wire", "buf", "escaped", "waiters", "count", "loc", "loc_size")
+    __slots__ = ("state", "wire", "buf", "escaped", "waiters", "count", "loc", "loc_size",
+                 "borrowers", "contained")
 
     def __init__(self) -> None:
         self.state = PENDING
@@ -61,6 +78,21 @@ class Entry:
         self.escaped = False
         self.waiters: list[Any] | None = None  # tasks waiting for this value
         self.count = 0
+        # borrower key (store address, pid) -> registrations not yet removed
+        self.borrowers: dict[tuple[str, int], int] | None = None
+        self.contained: list[ObjectRef] | None = None  # refs nested in the value
+
+
+class Borrowed:
+    """A ref this process holds but does not own."""
+
+    __slots__ = ("count", "owner_pid", "owner_addr", "registered")
+
+    def __init__(self, owner_pid: int, owner_addr: str) -> None:
+        self.count = 0
+        self.owner_pid = owner_pid
+        self.owner_addr = owner_addr
+        self.registered = 0  # times the owner was told we borrow it, since last removal
 
 
 class ReferenceTable:
@@ -71,6 +103,14 @@ class ReferenceTable:
         self.pid = pid
         self.store_address = store_address  # our stored, as other nodes reach it
         self.owned: dict[bytes, Entry] = {}
+        self.borrowed: dict[bytes, Borrowed] = {}
+        self.new_borrows: list[bytes] = []  # borrowed since the last report
+        # (owner store address, owner pid) -> [[oid, registrations], ...] to tell it
+        self.removals: dict[tuple[str, int], list[list]] = {}
+        # borrows reported by our sub-tasks for objects we do not own, to pass up
+        self.relayed: list[list] = []
+        # another node's store -> ids of our objects to free there
+        self.remote_frees: dict[str, list[bytes]] = {}
         # object id -> latest location row, sent to gcsd's objects table in batches
         self.object_events: dict[bytes, dict] = {}
 
@@ -80,11 +120,19 @@ class ReferenceTable:
         entry = self.owned[oid] = Entry()
         return entry
 
-    def incref(self, oid: bytes) -> None:
+    def incref(self, oid: bytes, owner_pid: int = 0, owner_addr: str = "") -> None:
         """Count a new ObjectRef handle (set as ``object_ref._incref``)."""
         entry = self.owned.get(oid)
         if entry is not None:
             entry.count += 1
+            return
+        if not owner_pid or (owner_pid == self.pid and owner_addr == self.store_address):
+            return  # ours but already forgotten, or an anonymous ref: nothing to count
+        b = self.borrowed.get(oid)
+        if b is None:
+            b = self.borrowed[oid] = Borrowed(owner_pid, owner_addr)
+            self.new_borrows.append(oid)
+        b.count += 1
 
     def release(self, released: collections.deque[bytes],
                 pending_tasks: Container[bytes]) -> list[bytes]:
@@ -103,32 +151,124 @@ class ReferenceTable:
                 break
             entry = owned.get(oid)
             if entry is None:
+                b = self.borrowed.get(oid)
+                if b is not None:
+                    b.count -= 1
+                    if b.count <= 0:
+                        self._unborrow(oid, b)
                 continue
             entry.count -= 1
-            if entry.count <= 0 and not (entry.state == PENDING and (entry.escaped or entry.waiters)):
+            if entry.count <= 0 and not entry.borrowers and not (
+                    entry.state == PENDING and (entry.escaped or entry.waiters)):
                 if (entry.state == READY or oid[:16] not in pending_tasks) and self.drop(oid, entry):
                     to_free.append(oid)
         return to_free
 
+    def _unborrow(self, oid: bytes, b: Borrowed) -> None:
+        del self.borrowed[oid]
+        if b.registered:
+            self.removals.setdefault((b.owner_addr, b.owner_pid), []).append(
+                [oid, b.registered])
+
+    # ------------------------------------------------------------- borrowers
+    def take_borrow_report(self, me: tuple[str, int]) -> list[list] | None:
+        """At the end of a task: the refs this process got since the last report
+        and still holds, plus the borrows our sub-tasks reported (relayed), as
+        ``[oid, owner pid, owner store, borrower store, borrower pid]`` items.
+        The caller's reply carries them to whoever passed us the refs."""
+        out = self.relayed
+        self.relayed = []
+        if self.new_borrows:
+            borrowed = self.borrowed
+            for oid in self.new_borrows:
+                b = borrowed.get(oid)
+                if b is not None and b.count > 0:
+                    b.registered += 1
+                    out.append([oid, b.owner_pid, b.owner_addr, me[0], me[1]])
+            self.new_borrows = []
+        return out or None
+
+    def add_borrower(self, item: list, relay: bool) -> bool:
+        """A reply (or an owner-bound notice) says ``item``'s borrower holds it.
+
+        Ours: count the borrower. Not ours: pass it on, in our own next
+        report if ``relay`` (we run a task for someone), else the caller sends
+        it to the owner. Returns True if the caller must send it itself.
+        """
+        oid, _opid, _oaddr, baddr, bpid = item
+        entry = self.owned.get(oid)
+        if entry is not None:
+            if entry.borrowers is None:
+                entry.borrowers = {}
+            key = (baddr, bpid)
+            entry.borrowers[key] = entry.borrowers.get(key, 0) + 1
+            return False
+        if relay:
+            self.relayed.append(item)
+            return False
+        return True
+
+    def remove_borrower(self, oid: bytes, key: tuple[str, int], n: int) -> bool:
+        """A borrower let go of ``n`` registrations. True if the object can now
+        be dropped (the caller then drops it, freeing every copy)."""
+        entry = self.owned.get(oid)
+        if entry is None or not entry.borrowers:
+            return False
+        left = entry.borrowers.get(key, 0) - n
+        if left > 0:
+            entry.borrowers[key] = left
+            return False
+        entry.borrowers.pop(key, None)
+        return not entry.borrowers and entry.count <= 0 and entry.state == READY
+
+    def drop_borrowers_where(self, dead: Any) -> list[bytes]:
+        """Forget borrowers ``dead(key)`` says are gone; return the ids that can go."""
+        out = []
+        for oid, entry in list(self.owned.items()):
+            if entry.borrowers:
+                for key in [k for k in entry.borrowers if dead(k)]:
+                    del entry.borrowers[key]
+                if not entry.borrowers and entry.count <= 0 and entry.state == READY:
+                    out.append(oid)
+        return out
+
+    def borrower_keys(self) -> set[tuple[str, int]]:
+        return {k for e in self.owned.values() if e.borrowers for k in e.borrowers}
+
+    def registered_by_caller(self, oid: bytes, owner_pid: int, owner_addr: str) -> None:
+        """A reply says its worker registered us as the borrower of ``oid``
+        (a ref it owns, nested in its return value)."""
+        if oid in self.owned:
+            return
+        b = self.borrowed.get(oid)
+        if b is None:
+            b = self.borrowed[oid] = Borrowed(owner_pid, owner_addr)
+        b.registered += 1
+
+    def take_removals(self) -> dict[tuple[str, int], list[list]]:
+        out, self.removals = self.removals, {}
+        return out
+
     def drop(self, oid: bytes, entry: Entry) -> bool:
         """Forget an owned object nobody here references any more.
 
-        True if its stored copy should be freed now: one that never left this
-        process is freed at once, so its (already faulted-in) memory is
-        reused by the next large put; an escaped one may have borrowers.
+        True if its stored copies should be freed now, so the (already
+        faulted-in) memory is reused by the next large put. Borrowers were
+        waited for before this is called.
         """
         del self.owned[oid]
+        entry.contained = None  # refs nested in the value: released with it
+        if entry.loc:  # the copy a task left on its node: freed there too
+            self.remote_frees.setdefault(entry.loc, []).append(oid)
         if entry.buf is None:
             return False
         entry.buf = None
-        if entry.escaped:
-            return False
         self.object_events[oid] = {"node_id": self.node_id, "state": "FREED"}
         return True
 
     def unreferenced(self, oid: bytes, entry: Entry) -> bool:
         """After completion: nothing here holds it and nobody outside can ask."""
-        return entry.count <= 0 and not entry.escaped and oid in self.owned
+        return entry.count <= 0 and not entry.borrowers and oid in self.owned
 
     def stored(self, oid: bytes, size: int) -> None:
         """Record that ``oid`` is now in this node's stored (for gcsd)."""

@@ -69,6 +69,7 @@ class StoreProvider:
         # blocked(True/False) brackets a long wait, so a worker lends its CPU out
         self._blocked = blocked
         self._wait_client: StoreClient | None = None  # second connection for long waits
+        self._freer: Any = None  # RemoteFreer, made on first use
 
     def write(self, oid: bytes, ser: serialization.Serialized) -> Any:
         """Copy a serialized value into stored; return a pinned view of it."""
@@ -217,10 +218,20 @@ class StoreProvider:
     def free(self, oids: list[bytes]) -> None:
         self.client.free(oids)
 
+    def free_remote(self, by_store: dict[str, list[bytes]]) -> None:
+        """Free our objects' copies on other nodes' stores (in the background)."""
+        if self._freer is None:
+            from libclient.core.remote_free import RemoteFreer
+
+            self._freer = RemoteFreer()
+        self._freer.free(by_store)
+
     def flush_releases(self) -> None:
         self.client.flush_releases()
 
     def close(self) -> None:
+        if self._freer is not None:
+            self._freer.close()
         self.client.close()
         if self._wait_client is not None:
             self._wait_client.close()
