@@ -172,7 +172,8 @@ def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
             gcs = _start("gcsd", gcs_args, logdir, procs)
             gcs_address = gcs["address"]
         store_sock = os.path.join(session, "stored.sock")
-        store_args = ["--socket", store_sock, "--set", f"node.address={host}"]
+        store_args = ["--socket", store_sock, "--set", f"node.address={host}",
+                      "--set", f"stored.spill_dir={os.path.join(session, 'spill')}"]
         if spec.get("object_store_memory"):
             store_args += ["--memory", str(int(spec["object_store_memory"]))]
         _start("stored", store_args, logdir, procs)

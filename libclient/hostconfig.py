@@ -244,6 +244,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "socket": Key(_path, None, "default <runtime_dir>/stored.sock"),
         "memory": Key(_bytes(1), None, "arena capacity (bytes, '8G'); default 30% of RAM"),
         "spill_dir": Key(_path, None, "spill directory; default <state_dir>/spill"),
+        "spill": Key(_bool, True, "spill held objects to spill_dir when memory is full; "
+                                  "false: such creates fail with ObjectStoreFullError"),
         "prefault": Key(_bytes(0), 0, "pre-fault this many arena bytes after start"),
         "transfer_address": Key(_listen_address, None,
                                 "TCP host:port other stores pull objects from; default "

@@ -57,8 +57,9 @@ def _spawn(tmp_path, *args, sock=None, ready_timeout=10.0):
     log_path = str(tmp_path / f"stored-{time.monotonic_ns()}.log")
     r, w = os.pipe()
     with open(log_path, "wb") as log:
+        spill = ["--set", f"stored.spill_dir={tmp_path / 'spill'}"]
         proc = subprocess.Popen([sys.executable, "-m", "daemons.stored", "--socket", sock,
-                                 "--ready-fd", str(w), *args],
+                                 "--ready-fd", str(w), *spill, *args],
                                 pass_fds=(w,), stdin=subprocess.DEVNULL, stderr=log, cwd=ROOT)
     os.close(w)
     buf = b""

@@ -83,7 +83,9 @@ def _spawn(folder, *args):
     r, w = os.pipe()
     with open(os.path.join(folder, "stored.log"), "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "daemons.stored", "--config", "none",
-                                 "--socket", sock, "--ready-fd", str(w), *args],
+                                 "--socket", sock, "--ready-fd", str(w),
+                                 "--set", f"stored.spill_dir={os.path.join(folder, 'spill')}",
+                                 *args],
                                 pass_fds=(w,), stdin=subprocess.DEVNULL, stderr=log, cwd=ROOT)
     os.close(w)
     buf = b""

@@ -33,6 +33,8 @@ from daemons import sdnotify, shell
 from daemons.stored.peers import TransferShell
 from daemons.stored.pull import PullManager
 from daemons.stored.server import StoreServer
+from daemons.stored.spill import FUSE_BYTES, SpillPolicy
+from daemons.stored.spill_io import SpillFiles
 from daemons.stored.store import ObjectTable
 
 # Linux 5.14+: populate (allocate and map writable) a range without writing it.
@@ -174,20 +176,37 @@ def main(argv: list[str] | None = None) -> None:
         shell.fail(log, f"cannot listen for transfers on "
                         f"{conf['stored']['transfer_address']}: {exc}")
         return
-    table = ObjectTable(capacity, arena_size)
+    spill_files = None
+    policy = None
+    if conf["stored"]["spill"]:
+        try:
+            spill_files = SpillFiles(conf["stored"]["spill_dir"], arena, log)
+        except OSError as exc:
+            listen.close()
+            tlisten.close()
+            os.unlink(path)
+            shell.fail(log, f"cannot read spill directory {conf['stored']['spill_dir']}: "
+                            f"{exc} (set [stored] spill_dir, or spill = false)")
+            return
+        # Fuse up to 64 MiB per file, less in a small store so one spill
+        # does not empty most of it.
+        policy = SpillPolicy(fuse_bytes=max(1 << 20, min(FUSE_BYTES, capacity // 8)))
+    table = ObjectTable(capacity, arena_size, spill=policy)
 
     def transfer(sel: selectors.BaseSelector, deliver: Any) -> TransferShell:
         pulls = PullManager(table.capacity, stall_timeout=ns.transfer_timeout)
         return TransferShell(tlisten, transfer_address, table, arena, sel, log, deliver, pulls,
-                             timeout=ns.transfer_timeout)
+                             timeout=ns.transfer_timeout,
+                             spill_read=spill_files.read_range if spill_files else None)
 
     server = StoreServer(listen, table, arena_fd, log, node_id=conf["node"]["id"],
-                         transfer=transfer)
+                         transfer=transfer, spill=spill_files)
     interval = sdnotify.watchdog_interval()
     if interval is not None:  # the idle loop must turn often enough to feed the watchdog
         server.max_wait_s = min(server.max_wait_s, interval / 2)
     log.info("stored_started", socket=path, capacity=table.capacity, arena_size=arena_size,
-             prefault=prefault, transfer_address=transfer_address, config=conf.path)
+             prefault=prefault, transfer_address=transfer_address, config=conf.path,
+             spill_dir=conf["stored"]["spill_dir"] if spill_files else None)
     shell.notify_ready(ns.ready_fd, json.dumps({"socket": path, "capacity": table.capacity,
                                                 "transfer_address": transfer_address}))
     watchdog = sdnotify.start_watchdog(lambda: server.last_loop, log)

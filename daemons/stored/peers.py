@@ -161,13 +161,17 @@ class TransferShell:
         pulls: the pull policy.
         timeout: seconds a peer may stay silent (a stranger that never sends a
             request, a source that stops answering, a puller that stops reading).
+        spill_read: reads a range of a spill file (``SpillFiles.read_range``):
+            a spilled object is served from its file, not restored first.
     """
 
     def __init__(self, listen: socket.socket, address: str, table: ObjectTable,
                  arena: mmap.mmap, sel: selectors.BaseSelector, log: Any,
                  deliver: Callable[[list[Reply]], None], pulls: PullManager,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0,
+                 spill_read: Callable[[int, int, int], bytes] | None = None) -> None:
         self.listen = listen
+        self.spill_read = spill_read
         self.address = address
         self.table = table
         self.arena = memoryview(arena)
@@ -596,7 +600,7 @@ class TransferShell:
             return
         pinned = self.table.pin_sealed(s.cid, req.oid)
         if pinned is None:
-            self._not_found(s, req.r, req.oid)
+            self._serve_spilled(s, req)
             return
         base, size = pinned
         if req.off + req.length > size:
@@ -611,6 +615,40 @@ class TransferShell:
         self._queue(s, {"t": "data", "r": req.r, "len": req.length})
         start = base + req.off
         s.out.append([self.arena[start:start + req.length], req.oid])
+        s.out_bytes += req.length
+
+    def _serve_spilled(self, s: _Served, req: transfer.ReadRequest) -> None:
+        """Serve a read of a spilled object from its spill file (no restore, no pin).
+
+        The file cannot go while we read it: the table deletes files only
+        when their objects are freed, which cannot happen inside this call.
+        A chunk is at most the puller's chunk size, from the page cache most
+        of the time.
+        """
+        where = self.table.spill_location(req.oid) if self.spill_read is not None else None
+        if where is None:
+            self._not_found(s, req.r, req.oid)
+            return
+        file_id, file_off, size = where
+        if req.off + req.length > size:
+            self._queue(s, transfer.error_msg(req.r, "bad_request",
+                                              f"object {req.oid.hex()} has {size} bytes"))
+            return
+        try:
+            data = self.spill_read(file_id, file_off + req.off, req.length)
+        except OSError as exc:
+            self.log.warning("transfer_spill_read_failed", object_id=req.oid.hex(),
+                             error=str(exc))
+            self._not_found(s, req.r, req.oid)
+            return
+        if len(data) != req.length:
+            self._not_found(s, req.r, req.oid)
+            return
+        self.counters["reads"] += 1
+        self.counters["bytes"] += req.length
+        self.counters["spilled_reads"] = self.counters.get("spilled_reads", 0) + 1
+        self._queue(s, {"t": "data", "r": req.r, "len": req.length})
+        s.out.append([memoryview(data), None])
         s.out_bytes += req.length
 
     def _not_found(self, s: _Served, r: int, oid: bytes) -> None:

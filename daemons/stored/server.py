@@ -32,6 +32,7 @@ from typing import Any
 from daemons.shell import StopFlag
 from daemons.stored import messages
 from daemons.stored.peers import TransferShell
+from daemons.stored.spill_io import SpillFiles
 from daemons.stored.store import ObjectTable, Reply
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
@@ -47,6 +48,10 @@ PAUSE_OUT_BYTES = 4 * 1024 * 1024
 
 _LISTEN = "listen"
 _WAKE = "wake"
+_SPILL = "spill"
+# Disk the spill planner leaves free for everything else on the file system.
+SPILL_DISK_RESERVE = 256 << 20
+_DISK_CHECK_S = 1.0
 
 
 class _Conn:
@@ -79,13 +84,16 @@ class StoreServer:
         node_id: hex node id, reported by the health reply.
         transfer: builds the TCP transfer shell on this server's selector and
             reply path (see ``__main__``); None serves the Unix socket only.
+        spill: runs the spill files' I/O (the table must have a spill policy);
+            None when spilling is off.
     """
 
     def __init__(self, listen: socket.socket, table: ObjectTable, arena_fd: int, log: Any,
                  selector: selectors.BaseSelector | None = None,
                  clock: Callable[[], float] = time.monotonic, node_id: str = "",
                  transfer: Callable[[selectors.BaseSelector, Callable[[list[Reply]], None]],
-                                    TransferShell] | None = None) -> None:
+                                    TransferShell] | None = None,
+                 spill: SpillFiles | None = None) -> None:
         self.listen = listen
         self.table = table
         self.arena_fd = arena_fd
@@ -103,6 +111,10 @@ class StoreServer:
         self.max_wait_s = 1.0
         self.last_loop = clock()
         self.transfer = transfer(self.sel, self._deliver) if transfer is not None else None
+        self.spill = spill
+        self._disk_checked = -_DISK_CHECK_S
+        if spill is not None:
+            self.sel.register(spill.wake_r, selectors.EVENT_READ, _SPILL)
 
     # ------------------------------------------------------------ lifecycle
     def run(self, stop: StopFlag) -> None:
@@ -132,14 +144,36 @@ class StoreServer:
                         os.read(stop.wake_fd_r, 64)
                     except OSError:
                         pass
+                elif data is _SPILL:
+                    self._on_spill_done()
                 elif transfer is not None:
                     transfer.on_io(data, mask, self.clock())
             now = self.clock()
+            if self.spill is not None and now - self._disk_checked >= _DISK_CHECK_S:
+                self._disk_checked = now
+                policy = self.table.spill
+                policy.disk_room = policy.disk_bytes + max(
+                    0, self.spill.disk_free() - SPILL_DISK_RESERVE)
             self._deliver(self.table.tick(now))
             if transfer is not None:
                 transfer.turn(now)
+            if self.spill is not None:
+                io = self.table.take_io()
+                if io:
+                    self.spill.submit(io)
             self._flush_dirty()
             self._log_events()
+
+    def _on_spill_done(self) -> None:
+        """Tell the table which spill writes and restores the I/O threads finished."""
+        table = self.table
+        for kind, job, ok in self.spill.take_done():
+            if kind == "write":
+                self._deliver(table.spill_done(job.file_id, ok))
+                self.log.info("spill_written" if ok else "spill_write_failed",
+                              file_id=job.file_id, objects=len(job.objects), bytes=job.nbytes)
+            else:
+                self._deliver(table.restore_done(job.oid, ok))
 
     def close(self) -> None:
         """Close every client and the listening socket (the caller unlinks the path)."""
@@ -147,6 +181,12 @@ class StoreServer:
             self._drop(conn, "shutdown")
         if self.transfer is not None:
             self.transfer.close()
+        if self.spill is not None:
+            try:
+                self.sel.unregister(self.spill.wake_r)
+            except (KeyError, ValueError):
+                pass
+            self.spill.close()
         try:
             self.sel.unregister(self.listen)
         except (KeyError, ValueError):

@@ -371,13 +371,13 @@ class ObjectTable:
         return (UNSEALED if obj.state == UNSEALED else SEALED), obj.size
 
     def spill_location(self, oid: bytes) -> tuple[int, int, int] | None:
-        """``(file_id, offset, size)`` of a SPILLED object's disk copy, else None.
+        """``(file_id, offset, size)`` of a SPILLED (or RESTORING) object's disk copy.
 
         The transfer shell streams such an object from its file instead of
         restoring it into memory.
         """
         obj = self._objects.get(oid)
-        if obj is None or obj.state != SPILLED or self.spill is None:
+        if obj is None or obj.state not in (SPILLED, RESTORING) or self.spill is None:
             return None
         return self.spill.location(oid)
 
