@@ -150,6 +150,7 @@ class TaskRunner:
         brw = self.core.borrow_report()
         if brw:
             reply["brw"] = brw
+        self._note_pulls(msg, reply)
         return reply
 
     def _execute(self, msg: dict, fn: Any, track: bool) -> dict:
@@ -196,7 +197,18 @@ class TaskRunner:
         brw = self.core.borrow_report()
         if brw:
             reply["brw"] = brw
+        self._note_pulls(msg, reply)
         return reply
+
+    def _note_pulls(self, msg: dict, reply: dict) -> None:
+        """Arguments pulled here from another node: the owner frees our copy
+        with its own when the object goes."""
+        here = self.core.store_address
+        pulled = [d[2] for d in msg.get("deps") or ()
+                  if len(d) > 4 and d[1] == "s" and d[4] and d[4] != here]
+        if pulled:
+            reply["pld"] = pulled
+            reply["at"] = here
 
     async def _execute_async(self, msg: dict, fn: Any) -> dict:
         start = time.perf_counter()

@@ -155,3 +155,27 @@ def test_a_remote_tasks_big_return_is_freed_on_its_node_when_dropped(cluster):
     del ref  # never fetched here: its only copy is on the other node
     _wait(lambda: not ray.get(probe.remote(oid), timeout=30),
           what="the copy on the other node to be freed")
+
+
+def total(a):
+    return int(a.sum())
+
+
+def test_copies_pulled_by_tasks_on_other_nodes_are_freed_with_the_object(cluster):
+    import libclient as ray
+
+    ref = ray.put(np.full(4 * MB, 2, dtype=np.uint8))
+    oid = ref.binary()
+    assert ray.get(ray.remote(resources={"far": 1})(total).remote(ref), timeout=30) == 8 * MB
+
+    def there(o):
+        import libclient.api as api
+
+        return api._core._store.contains([o])[0]
+
+    probe = ray.remote(resources={"far": 1})(there)
+    assert ray.get(probe.remote(oid), timeout=30)  # pulled there for the task
+    del ref
+    _wait(lambda: not _here(oid), what="the owner's copy to be freed")
+    _wait(lambda: not ray.get(probe.remote(oid), timeout=30),
+          what="the copy pulled to the other node to be freed")

@@ -227,7 +227,7 @@ class CoreWorker:
         return ref
 
     def write_store(self, oid: bytes, ser: serialization.Serialized) -> Any:
-        """Copy a serialized value into stored (a large return); return a pinned view."""
+        """Copy a serialized value into stored (a large return); return the hold on it."""
         return self._store.write(oid, ser)
 
     def escape(self, refs: list[ObjectRef]) -> None:
@@ -261,9 +261,9 @@ class CoreWorker:
                 kind, value = self._store.read_borrowed(ref, deadline)
             elif entry.buf is None and entry.loc:
                 entry.buf = self._store.pull_and_pin(ref._id, entry.loc, deadline)
-                kind, value = serialization.deserialize_buffer(entry.buf)
+                kind, value = self._store.read(entry.buf)
             elif entry.buf is not None:
-                kind, value = serialization.deserialize_buffer(entry.buf)
+                kind, value = self._store.read(entry.buf)
             else:
                 kind, value = serialization.deserialize_wire(entry.wire)
             if kind == serialization.KIND_ERROR:
@@ -650,6 +650,8 @@ class CoreWorker:
         owned = self._refs.owned
         if "brw" in msg:  # before the task's own hold on its arguments goes
             self._on_borrows(msg["brw"])
+        if "pld" in msg and isinstance(msg["pld"], list) and isinstance(msg.get("at"), str):
+            self._refs.pulled(msg["pld"], msg["at"])
         nested = msg.get("nst")
         if nested and isinstance(nested, list):
             for item in nested:

@@ -67,7 +67,7 @@ class Entry:
     """An owned object: pending until its task replies, then inline or stored."""
 
     __slots__ = ("state", "wire", "buf", "escaped", "waiters", "count", "loc", "loc_size",
-                 "borrowers", "contained")
+                 "borrowers", "contained", "copies")
 
     def __init__(self) -> None:
         self.state = PENDING
@@ -81,6 +81,7 @@ class Entry:
         # borrower key (store address, pid) -> registrations not yet removed
         self.borrowers: dict[tuple[str, int], int] | None = None
         self.contained: list[ObjectRef] | None = None  # refs nested in the value
+        self.copies: set[str] | None = None  # other nodes' stores our tasks pulled it to
 
 
 class Borrowed:
@@ -245,6 +246,15 @@ class ReferenceTable:
             b = self.borrowed[oid] = Borrowed(owner_pid, owner_addr)
         b.registered += 1
 
+    def pulled(self, oids: list, at: str) -> None:
+        """A task's reply says it pulled these (ours) to the store ``at``."""
+        for oid in oids:
+            entry = self.owned.get(oid) if isinstance(oid, bytes) else None
+            if entry is not None and at != self.store_address:
+                if entry.copies is None:
+                    entry.copies = set()
+                entry.copies.add(at)
+
     def take_removals(self) -> dict[tuple[str, int], list[list]]:
         out, self.removals = self.removals, {}
         return out
@@ -260,6 +270,8 @@ class ReferenceTable:
         entry.contained = None  # refs nested in the value: released with it
         if entry.loc:  # the copy a task left on its node: freed there too
             self.remote_frees.setdefault(entry.loc, []).append(oid)
+        for addr in entry.copies or ():  # and the copies our tasks pulled
+            self.remote_frees.setdefault(addr, []).append(oid)
         if entry.buf is None:
             return False
         entry.buf = None
