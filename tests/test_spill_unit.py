@@ -5,8 +5,8 @@ import pytest
 
 from daemons.stored import messages
 from daemons.stored.messages import Contains, Create, Delete, Free, Get, Release, Seal, Unhold
-from daemons.stored.spill import SpillPolicy, SpillWrite
-from daemons.stored.store import SEALED, SPILLED, ObjectTable, SpillDelete, SpillRead
+from daemons.stored.spill import SpillPolicy
+from daemons.stored.store import SEALED, SPILLED, ObjectTable, SpillDelete, SpillOut, SpillRead
 
 # ---------------------------------------------------------------- policy
 
@@ -90,7 +90,7 @@ def _do_io(t, arena=None, fail=False):
     """Play the shell: complete every I/O action, return the replies."""
     out = []
     for act in t.take_io():
-        if isinstance(act, SpillWrite):
+        if isinstance(act, SpillOut):
             out += t.spill_done(act.file_id, not fail)
         elif isinstance(act, SpillRead):
             out += t.restore_done(act.oid, not fail)
@@ -105,8 +105,8 @@ def test_held_objects_spill_instead_of_full_and_come_back_on_get():
     # The arena is full of held objects: the create waits for a spill.
     assert t.step(2, Create(5, b"new", 256, True), 0) == []
     (write,) = t.take_io()
-    assert isinstance(write, SpillWrite)
-    assert [oid for oid, _, _ in write.objects] == [b"\x00"]  # LRU first
+    assert isinstance(write, SpillOut)
+    assert write.ranges == ((0, 256),)  # LRU first: object 0, at arena offset 0
     (reply,) = t.spill_done(write.file_id, True)
     assert reply.client == 2 and reply.msg["ok"] and reply.msg["offset"] == 0
     assert t.lookup(b"\x00") == (SEALED, 256)  # still here, only not in memory
@@ -208,7 +208,7 @@ def test_free_during_write_and_file_deletion():
     _put_held(t, 1, b"c", 256)
     t.step(2, Create(3, b"d", 512, True), 0)
     (write,) = t.take_io()
-    assert len(write.objects) == 3
+    assert len(write.ranges) == 3
     t.step(1, Free((b"a",)), 0)  # busy: freed when the write ends
     assert t.lookup(b"a") is not None
     (r,) = t.spill_done(write.file_id, True)

@@ -171,7 +171,7 @@ class StoreServer:
             if kind == "write":
                 self._deliver(table.spill_done(job.file_id, ok))
                 self.log.info("spill_written" if ok else "spill_write_failed",
-                              file_id=job.file_id, objects=len(job.objects), bytes=job.nbytes)
+                              file_id=job.file_id, objects=len(job.ranges), bytes=job.nbytes)
             else:
                 self._deliver(table.restore_done(job.oid, ok))
 

@@ -27,8 +27,7 @@ import threading
 import time
 from typing import Any
 
-from daemons.stored.spill import SpillWrite
-from daemons.stored.store import SpillDelete, SpillRead
+from daemons.stored.store import SpillDelete, SpillOut, SpillRead
 
 _NAME = re.compile(r"shoal-spill-(\d+)-\d+(\.tmp)?")
 _IOV_MAX = 1024
@@ -64,7 +63,7 @@ class SpillFiles:
         if os.path.isdir(directory):
             self._remove_stale()
         self._done: queue.SimpleQueue[tuple[str, Any, bool]] = queue.SimpleQueue()
-        self._writes: queue.SimpleQueue[SpillWrite | None] = queue.SimpleQueue()
+        self._writes: queue.SimpleQueue[SpillOut | None] = queue.SimpleQueue()
         self._reads: queue.SimpleQueue[SpillRead | None] = queue.SimpleQueue()
         self.wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.counters = {"write_s": 0.0, "read_s": 0.0}
@@ -87,10 +86,10 @@ class SpillFiles:
             return 0
 
     # ------------------------------------------------------------ loop side
-    def submit(self, actions: list[SpillWrite | SpillRead | SpillDelete]) -> None:
+    def submit(self, actions: list[SpillOut | SpillRead | SpillDelete]) -> None:
         """Start the table's I/O actions (deletes are done here, at once)."""
         for act in actions:
-            if isinstance(act, SpillWrite):
+            if isinstance(act, SpillOut):
                 self._writes.put(act)
             elif isinstance(act, SpillRead):
                 self._reads.put(act)
@@ -99,7 +98,7 @@ class SpillFiles:
                     os.unlink(self.path(act.file_id))
 
     def take_done(self) -> list[tuple[str, Any, bool]]:
-        """Finished jobs since the last call: ``("write", SpillWrite, ok)`` or
+        """Finished jobs since the last call: ``("write", SpillOut, ok)`` or
         ``("read", SpillRead, ok)``; drains the wake pipe."""
         with contextlib.suppress(BlockingIOError):
             os.read(self.wake_r, 4096)
@@ -168,7 +167,7 @@ class SpillFiles:
                 os.makedirs(self.dir, mode=0o700, exist_ok=True)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                 try:
-                    views = [arena[off:off + size] for _, off, size in job.objects]
+                    views = [arena[off:off + size] for off, size in job.ranges]
                     _write_all(fd, views)
                 finally:
                     os.close(fd)

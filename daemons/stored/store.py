@@ -51,7 +51,7 @@ object is, by what it has::
     neither       -> cache: LRU-evicted (from memory, and from disk if there)
 
 When a create does not fit even after evicting the cache, the policy picks
-spill candidates (LRU) and the table emits :class:`SpillWrite` actions; the
+spill candidates (LRU) and the table emits :class:`SpillOut` actions; the
 create's reply waits (``_room_waiters``) until the writes are done
 (:meth:`ObjectTable.spill_done`), which frees the objects' memory. A get
 of a SPILLED object reserves memory (evicting or spilling others if it must),
@@ -107,13 +107,22 @@ class SpillRead:
 
 
 @dataclass(frozen=True, slots=True)
+class SpillOut:
+    """Write spill file ``file_id``: these arena ranges ``(offset, size)``, back to back."""
+
+    file_id: int
+    ranges: tuple[tuple[int, int], ...]
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class SpillDelete:
     """Spill file ``file_id`` has no live object left: delete it."""
 
     file_id: int
 
 
-SpillIo = SpillWrite | SpillRead | SpillDelete
+SpillIo = SpillOut | SpillRead | SpillDelete
 
 
 @dataclass(frozen=True, slots=True)
@@ -523,12 +532,14 @@ class ObjectTable:
             self._room_changed = True
         for write in plan.writes:
             self._writes[write.file_id] = write
+            ranges = []
             for oid, _, nbytes in write.objects:
                 obj = objects[oid]
                 obj.busy = True
                 self.spillable.remove(oid)
                 self._spilling_bytes += nbytes
-            self._io.append(write)
+                ranges.append((obj.alloc.offset, nbytes))
+            self._io.append(SpillOut(write.file_id, tuple(ranges), write.nbytes))
         if plan.writes:
             self._events.append(("spill_started", {
                 "files": len(plan.writes), "objects": sum(len(w.objects) for w in plan.writes),
