@@ -13,6 +13,16 @@ finalizer queues the object id, and queued releases go out in one message
 before the next request or on :meth:`StoreClient.flush_releases`. Finalizers
 can run on any thread, at any moment, so they only append to a deque.
 
+An owner does not keep its objects pinned: it *holds* them (``seal`` or
+``get`` with ``hold``), which keeps them alive but lets stored spill them to
+disk while nothing maps them. A :class:`StoredObject` is that hold: it maps
+the object on demand (:meth:`StoredObject.view`, restoring it from disk if
+it was spilled) and keeps the last view weakly, so user values made from
+it keep it pinned while they live and no longer. To keep repeated gets free
+of round trips, each client also keeps strong views of the objects it read
+most recently, up to a quarter of the store (:data:`VIEW_CACHE_SHARE`):
+that much may stay pinned by a process that is done with it.
+
 The arena mapping is never unmapped: ``mmap.close`` raises BufferError while
 numpy or Arrow views exist, and unmapping under a live view would crash the
 process. Clients of the same stored in one process share one mapping.
@@ -25,6 +35,7 @@ import math
 import mmap
 import os
 import threading
+import weakref
 from typing import Any
 
 import pyarrow as pa
@@ -34,6 +45,10 @@ from libclient.protocol import Connection, ProtocolError, pack_many
 
 # Same bound as stored's messages.MAX_OIDS: longer release batches are split.
 _MAX_OIDS = 100_000
+# Share of the store's capacity a client may keep pinned by cached views.
+VIEW_CACHE_SHARE = 4
+_FREE = 1
+_UNHOLD = 2
 
 # (st_dev, st_ino, size) of an arena memfd -> [mmap, base address]; kept for
 # the life of the process (see module docstring).
@@ -64,6 +79,51 @@ class _Pin:
 
     def __del__(self) -> None:
         self.queue.append(self.oid)  # deque.append is atomic; safe from any thread
+
+
+class StoredObject:
+    """A hold on an object in stored: it stays alive (in memory or spilled)
+    until this handle is collected, and is mapped when read.
+
+    Attributes:
+        oid: the object id.
+        size: its size in bytes.
+    """
+
+    __slots__ = ("oid", "size", "_client", "_view", "_weak", "__weakref__")
+
+    def __init__(self, client: StoreClient, oid: bytes, size: int,
+                 view: pa.Buffer | None) -> None:
+        self.oid = oid
+        self.size = size
+        self._client = client
+        self._view: pa.Buffer | None = None  # strong, while in the client's view cache
+        self._weak: weakref.ref[pa.Buffer] | None = None
+        if view is not None:
+            client._remember(self, view)
+
+    def view(self) -> pa.Buffer:
+        """A pinned, zero-copy view of the bytes (restored from disk if spilled).
+
+        Raises:
+            ObjectLostError: stored no longer has the object.
+        """
+        view = self._view
+        if view is not None:
+            return view
+        if self._weak is not None:
+            view = self._weak()
+            if view is not None:
+                self._client._remember(self, view)
+                return view
+        (view,) = self._client.get([self.oid], timeout=0)
+        if view is None:
+            raise ObjectLostError(f"object {self.oid.hex()} is no longer in the object store")
+        self._client._remember(self, view)
+        return view
+
+    def __del__(self) -> None:
+        self._client._releases.append((self.oid, _UNHOLD))  # atomic; safe from any thread
 
 
 def _map_arena(fd: int, size: int) -> tuple[mmap.mmap, int]:
@@ -97,7 +157,12 @@ class StoreClient:
     def __init__(self, socket_path: str, name: str = "client",
                  connect_timeout: float = 10.0) -> None:
         self._lock = threading.RLock()
-        self._releases: collections.deque[bytes | tuple[bytes, bool]] = collections.deque()
+        # oid to release, or (oid, _FREE | _UNHOLD)
+        self._releases: collections.deque[bytes | tuple[bytes, int]] = collections.deque()
+        self._hot: collections.OrderedDict[bytes, tuple[weakref.ref[StoredObject], int]] = \
+            collections.OrderedDict()
+        self._hot_bytes = 0
+        self._hot_lock = threading.Lock()
         self._closed = False
         self._pid = os.getpid()
         self._conn = Connection.connect_unix(socket_path, timeout=connect_timeout)
@@ -118,6 +183,7 @@ class StoreClient:
             self._conn.close()
             raise
         self._view = memoryview(self._mmap)
+        self._hot_limit = self.capacity // VIEW_CACHE_SHARE
 
     @property
     def arena_address(self) -> int:
@@ -130,18 +196,50 @@ class StoreClient:
 
         The object stays invisible to ``get`` until :meth:`seal`; this client
         holds a pin on it until it calls :meth:`release` (or disconnects).
+        When the store is full of held objects, the reply waits while stored
+        spills some of them to disk.
 
         Raises:
-            ObjectStoreFullError: no room even after evicting unpinned objects.
+            ObjectStoreFullError: no room even after evicting unpinned objects
+                and spilling held ones (or spilling is off).
             StoreError: ``exists`` if ``oid`` is already in the store.
         """
-        reply = self._call({"t": "create", "oid": oid, "size": size})
-        off = reply["offset"]
+        off = self._create(oid, size)
         return self._view[off:off + size]
+
+    def _create(self, oid: bytes, size: int) -> int:
+        offset = self._call({"t": "create", "oid": oid, "size": size})["offset"]
+        if offset < 0 or offset + size > self.arena_size:
+            raise ProtocolError(f"stored returned offset {offset} outside the arena")
+        return offset
 
     def seal(self, oid: bytes) -> None:
         """Make a created object immutable and visible; wakes waiting gets."""
         self._call({"t": "seal", "oid": oid})
+
+    def write(self, oid: bytes, size: int, fill: Any) -> StoredObject:
+        """Create, ``fill(view)``, seal, and hold an object: an owner's write.
+
+        Returns the hold, with a pinned view of the bytes already cached
+        (the creation pin becomes that view's pin: no extra round trip).
+        """
+        off = self._create(oid, size)
+        view = self._view[off:off + size]
+        try:
+            fill(view)
+        except BaseException:
+            view.release()
+            self.abort(oid)
+            raise
+        view.release()
+        self._call({"t": "seal", "oid": oid, "hold": True})
+        buf = pa.foreign_buffer(self._base + off, size, base=_Pin(oid, self._releases))
+        return StoredObject(self, oid, size, buf)
+
+    def hold(self, oid: bytes) -> StoredObject | None:
+        """Hold a sealed object (a task return its owner now keeps); None if absent."""
+        (buf,) = self.get([oid], timeout=0, hold=True)
+        return None if buf is None else StoredObject(self, oid, buf.size, buf)
 
     def abort(self, oid: bytes) -> None:
         """Free an object this client created but has not sealed."""
@@ -166,12 +264,15 @@ class StoreClient:
         self._releases.append(oid)  # the creation pin; goes out with the next request
 
     # ------------------------------------------------------------ reading
-    def get(self, oids: list[bytes], timeout: float | None = None) -> list[pa.Buffer | None]:
+    def get(self, oids: list[bytes], timeout: float | None = None,
+            hold: bool = False) -> list[pa.Buffer | None]:
         """Return zero-copy buffers of sealed objects, waiting up to ``timeout`` seconds.
 
         Args:
             oids: object ids.
-            timeout: None waits for every object; 0 returns at once.
+            timeout: None waits for every object; 0 does not wait for objects
+                that are not there (spilled ones are restored first).
+            hold: also take a hold on each object returned (see :meth:`hold`).
 
         Returns:
             One pinned, read-only buffer per id, or None where the object was
@@ -181,7 +282,10 @@ class StoreClient:
             ConnectionError: stored went away.
         """
         timeout_ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
-        reply = self._call({"t": "get", "oids": list(oids), "timeout_ms": timeout_ms})
+        msg = {"t": "get", "oids": list(oids), "timeout_ms": timeout_ms}
+        if hold:
+            msg["hold"] = True
+        reply = self._call(msg)
         out: list[pa.Buffer | None] = []
         objs = reply["objs"]
         for oid, obj in zip(oids, objs, strict=True):
@@ -233,7 +337,29 @@ class StoreClient:
 
     def free(self, oids: list[bytes]) -> None:
         """Delete these objects if unpinned (one-way, queued after pending releases)."""
-        self._releases.extend((oid, True) for oid in oids)
+        self._releases.extend((oid, _FREE) for oid in oids)
+
+    def _remember(self, obj: StoredObject, view: pa.Buffer) -> None:
+        """Keep ``view`` as ``obj``'s last view: strongly while it is among the
+        most recently read (the view cache), weakly after that."""
+        obj._weak = weakref.ref(view)
+        size = obj.size
+        if size > self._hot_limit:
+            return
+        obj._view = view
+        with self._hot_lock:
+            hot = self._hot
+            old = hot.pop(obj.oid, None)
+            if old is not None:
+                self._hot_bytes -= old[1]
+            hot[obj.oid] = (weakref.ref(obj), size)
+            self._hot_bytes += size
+            while self._hot_bytes > self._hot_limit:
+                _, (ref, nbytes) = hot.popitem(last=False)
+                self._hot_bytes -= nbytes
+                victim = ref()
+                if victim is not None:
+                    victim._view = None
 
     def flush_releases(self) -> None:
         """Send queued releases now (buffers collected since the last request)."""
@@ -285,20 +411,24 @@ class StoreClient:
 
     # ------------------------------------------------------------ internals
     def _take_releases(self) -> list[dict[str, Any]]:
-        # The deque holds oids to release and (oid, True) pairs to free, in
-        # order; runs of each become one message, so a free follows the
-        # releases queued before it.
+        # The deque holds oids to release and (oid, _FREE | _UNHOLD) pairs,
+        # in order; runs of each kind become one message, so a free follows
+        # the releases and unholds queued before it.
         frames: list[dict[str, Any]] = []
         kind, oids = "", []
         try:
             while True:
                 item = self._releases.popleft()
-                this = "free" if type(item) is tuple else "release"
+                if type(item) is tuple:
+                    this = "free" if item[1] == _FREE else "unhold"
+                    item = item[0]
+                else:
+                    this = "release"
                 if this != kind or len(oids) >= _MAX_OIDS:
                     if oids:
                         frames.append({"t": kind, "oids": oids})
                     kind, oids = this, []
-                oids.append(item[0] if this == "free" else item)
+                oids.append(item)
         except IndexError:
             pass
         if oids:

@@ -4,12 +4,16 @@ Theory of operation
 -------------------
 Large values do not stay in the owner's memory: a large ``put`` and a
 worker's large return are written to stored (``create``, a copy into this
-process's own mapping of the arena, ``seal``) and the owner keeps a pinned,
-zero-copy view. An owned inline value whose ref escapes is copied there too
-(promotion), so any process on the node can read it. The owner pins a large
-task return as soon as the reply says it is there, before eviction can
-take it. Each write is recorded as a location row for gcsd's ``objects``
-table (via the reference table, batched with the task rows).
+process's own mapping of the arena, ``seal``) and the owner keeps a *hold*
+on them (``Entry.buf`` is a :class:`~libclient.store_client.StoredObject`),
+not a pin: stored may spill a held object to disk while nothing maps it,
+and reading it again (:meth:`StoreProvider.read`) restores it. Values
+returned by ``get`` map the arena and pin the object while they live. An
+owned inline value whose ref escapes is copied there too (promotion), so any
+process on the node can read it. The owner holds a large task return as
+soon as the reply says it is there, before eviction can take it. Each
+write is recorded as a location row for gcsd's ``objects`` table (via the
+reference table, batched with the task rows).
 
 A borrower reads stored. If the object is not sealed yet it waits on a
 second store connection, so a long wait never holds the connection that
@@ -45,7 +49,7 @@ from libclient.object_ref import ObjectRef
 from libclient.protocol import ProtocolError
 
 if TYPE_CHECKING:
-    from libclient.store_client import StoreClient
+    from libclient.store_client import StoreClient, StoredObject
 
 
 class StoreProvider:
@@ -70,25 +74,20 @@ class StoreProvider:
         self._blocked = blocked
         self._wait_client: StoreClient | None = None  # second connection for long waits
         self._freer: Any = None  # RemoteFreer, made on first use
+        self._prefetcher: Any = None  # Prefetcher, made on first use
 
-    def write(self, oid: bytes, ser: serialization.Serialized) -> Any:
-        """Copy a serialized value into stored; return a pinned view of it."""
-        store = self.client
+    def write(self, oid: bytes, ser: serialization.Serialized) -> StoredObject:
+        """Copy a serialized value into stored; return the hold on it."""
         size = ser.store_size()
-        view = store.create(oid, size)
-        try:
-            ser.write_into(view)
-        except BaseException:
-            store.abort(oid)
-            raise
-        finally:
-            del view
-        store.seal(oid)
+        obj = self.client.write(oid, size, ser.write_into)
         with self._lock:
             self._refs.stored(oid, size)
-        (buf,) = store.get([oid], timeout=0)
-        store.release([oid])  # the creation pin; `buf` holds its own
-        return buf
+        return obj
+
+    @staticmethod
+    def read(obj: StoredObject) -> tuple[int, Any]:
+        """Deserialize a held object (zero-copy; restored first if it was spilled)."""
+        return serialization.deserialize_buffer(obj.view())
 
     def promote(self, oid: bytes, entry: Entry) -> None:
         """Make an owned object readable by other processes (it escaped): copy
@@ -110,13 +109,12 @@ class StoreProvider:
             if "exists" not in str(exc):
                 raise
 
-    def pin(self, oid: bytes) -> Any:
-        """A pinned view of a task return the worker wrote; None if it is gone."""
+    def pin(self, oid: bytes) -> StoredObject | None:
+        """Hold a task return the worker wrote; None if it is gone."""
         try:
-            (buf,) = self.client.get([oid], timeout=0)
+            return self.client.hold(oid)
         except (ConnectionError, OSError, ProtocolError):
             return None  # stored is gone: the value is lost
-        return buf
 
     def read_borrowed(self, ref: ObjectRef, deadline: float | None) -> tuple[int, Any]:
         """Read an object someone else owns, waiting for it to appear."""
@@ -204,19 +202,29 @@ class StoreProvider:
         finally:
             self._blocked(False)
 
-    def pull_and_pin(self, oid: bytes, source: str, deadline: float | None) -> Any:
-        """Pull a remote copy here and pin it; the owner reads it like a local one."""
+    def pull_and_pin(self, oid: bytes, source: str, deadline: float | None) -> StoredObject:
+        """Pull a remote copy here and hold it; the owner reads it like a local one."""
         self.fetch_to_node(oid, source, deadline)
-        (buf,) = self.client.get([oid], timeout=0)
-        if buf is None:
+        obj = self.client.hold(oid)
+        if obj is None:
             raise ObjectLostError(f"object {oid.hex()} was evicted right after it was pulled")
-        return buf
+        return obj
 
     def contains(self, oids: list[bytes]) -> list[bool]:
         return self.client.contains(oids)
 
     def free(self, oids: list[bytes]) -> None:
         self.client.free(oids)
+
+    def prefetch(self, wanted: list[tuple[bytes, str]]) -> None:
+        """Start pulling these (object id, source store) here in the background."""
+        if self._prefetcher is None:
+            from libclient.core.prefetch import Prefetcher
+
+            self._prefetcher = Prefetcher(self.socket_path, self._pid)
+        for oid, source in wanted:
+            if source and source != self.address:
+                self._prefetcher.prefetch(oid, source)
 
     def free_remote(self, by_store: dict[str, list[bytes]]) -> None:
         """Free our objects' copies on other nodes' stores (in the background)."""
@@ -232,6 +240,8 @@ class StoreProvider:
     def close(self) -> None:
         if self._freer is not None:
             self._freer.close()
+        if self._prefetcher is not None:
+            self._prefetcher.close()
         self.client.close()
         if self._wait_client is not None:
             self._wait_client.close()
