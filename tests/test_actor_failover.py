@@ -223,3 +223,34 @@ def test_creator_still_owns_its_actor_after_the_move(cluster, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_node_dies_while_the_actor_is_being_created(cluster):
+    """The creator was waiting on the dead node's raylet: it follows the row instead."""
+    import libclient as ray
+
+    doomed = cluster.add_node(num_cpus=1)
+
+    @ray.remote(num_cpus=0)
+    class Slow:
+        def __init__(self, path):
+            if _node_of() == open(path).read():
+                time.sleep(30)  # on the doomed node: still in __init__ when it dies
+
+        def where(self):
+            return _node_of()
+
+    marker = f"/tmp/shoal-failover-{os.getpid()}"
+    with open(marker, "w") as f:
+        f.write(doomed.node_id)
+    try:
+        s = Slow.options(**_on(doomed, max_restarts=1)).remote(marker)
+        _wait(lambda: (r := _row(s)) and r["node_id"].hex() == doomed.node_id, 30,
+              "the actor to be placed on the doomed node")
+        time.sleep(0.5)
+        cluster.remove_node(doomed, allow_graceful=False)
+        assert ray.get(s.where.remote(), timeout=30) != doomed.node_id
+        assert _row(s)["num_restarts"] == 1
+        ray.kill(s)
+    finally:
+        os.unlink(marker)
