@@ -306,7 +306,7 @@ def wait(refs: list[ObjectRef], *, num_returns: int = 1, timeout: float | None =
         raise ValueError("wait() got duplicate ObjectRefs")
     if num_returns < 0 or num_returns > len(refs):
         raise ValueError(f"num_returns={num_returns} is out of range for {len(refs)} refs")
-    return _require().wait(refs, num_returns, timeout)
+    return _require().wait(refs, num_returns, timeout, fetch_local=bool(fetch_local))
 
 
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:

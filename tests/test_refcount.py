@@ -179,3 +179,22 @@ def test_copies_pulled_by_tasks_on_other_nodes_are_freed_with_the_object(cluster
     _wait(lambda: not _here(oid), what="the owner's copy to be freed")
     _wait(lambda: not ray.get(probe.remote(oid), timeout=30),
           what="the copy pulled to the other node to be freed")
+
+
+def test_wait_fetch_local_brings_remote_objects_to_this_node(cluster):
+    import libclient as ray
+
+    big = ray.remote(resources={"far": 1})(make_big)
+    ref = big.remote(3 * MB)
+    ready, rest = ray.wait([ref], timeout=30)  # fetch_local=True by default
+    assert ready == [ref] and rest == []
+    assert _here(ref.binary())  # ready means here, as in Ray
+    # A borrowed ref owned on the other node: pulled from its owner's node.
+    (inner,) = ray.get(ray.remote(resources={"far": 1})(make_inner).remote(MB), timeout=30)
+    ready, _ = ray.wait([inner], timeout=30)
+    assert ready == [inner] and _here(inner.binary())
+    # Several at once: pulled side by side, every value right.
+    refs = [big.remote(MB + i) for i in range(4)]
+    assert [int(a.sum()) for a in ray.get(refs, timeout=60)] == [5 * (MB + i) for i in range(4)]
+    ready, _ = ray.wait(refs, num_returns=4, timeout=30, fetch_local=False)
+    assert len(ready) == 4

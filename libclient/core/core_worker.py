@@ -255,6 +255,13 @@ class CoreWorker:
                 if entry.state != READY:
                     self._wait_entry(entry, deadline, ref._id)
                 out.append(entry)
+        if len(refs) > 1:  # several on other nodes: pull them side by side
+            remote = [(ref._id, entry.loc) if entry is not None else (ref._id, ref._owner_addr)
+                      for ref, entry in zip(refs, out, strict=False)
+                      if (entry is None and ref._owner_addr != self.store_address)
+                      or (entry is not None and entry.buf is None and entry.loc)]
+            if len(remote) > 1:
+                self._store.prefetch(remote)
         values = []
         for ref, entry in zip(refs, out, strict=False):
             if entry is None:
@@ -323,34 +330,52 @@ class CoreWorker:
                     self._io.raylet_send({"t": "unblocked"})
 
     # ------------------------------------------------------------------ wait
-    def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None
-             ) -> tuple[list[ObjectRef], list[ObjectRef]]:
-        """Split ``refs`` into (ready, not ready) once ``num_returns`` are ready."""
+    def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None,
+             fetch_local: bool = True) -> tuple[list[ObjectRef], list[ObjectRef]]:
+        """Split ``refs`` into (ready, not ready) once ``num_returns`` are ready.
+
+        With ``fetch_local`` an object is ready once it is on this node, and
+        the ones on other nodes are pulled here meanwhile (as Ray does). A
+        borrowed ref counts when this node's store has it either way: it is
+        pulled from its owner's node, so a wait on it never waits forever.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_prefetch = 0.0
         while True:
             with self._lock:
                 self._drain_released()
                 owned = self._refs.owned
                 ready_flags = []
-                borrowed = []
+                local: list[tuple[int, str]] = []  # (index, where it is now) to check here
                 for i, ref in enumerate(refs):
                     entry = owned.get(ref._id)
                     if entry is None:
                         ready_flags.append(False)
-                        borrowed.append(i)
+                        local.append((i, ref._owner_addr))
+                    elif entry.state == READY and fetch_local and entry.buf is None \
+                            and entry.loc:
+                        ready_flags.append(False)
+                        local.append((i, entry.loc))
                     else:
                         ready_flags.append(entry.state == READY)
-            if borrowed:
-                present = self._store.contains([refs[i]._id for i in borrowed])
-                for i, p in zip(borrowed, present, strict=False):
+            if local:
+                present = self._store.contains([refs[i]._id for i, _ in local])
+                missing = []
+                for (i, source), p in zip(local, present, strict=False):
                     ready_flags[i] = p
+                    if not p and source and source != self.store_address:
+                        missing.append((refs[i]._id, source))
+                now = time.monotonic()
+                if missing and now >= next_prefetch:
+                    next_prefetch = now + 0.5
+                    self._store.prefetch(missing)
             if sum(ready_flags) >= num_returns:
                 break
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
             with self._lock:
-                step = 0.01 if borrowed else 1.0
+                step = 0.01 if local else 1.0
                 self._cv.wait(step if remaining is None else min(step, remaining))
         ready, not_ready = [], []
         for ref, flag in zip(refs, ready_flags, strict=False):
