@@ -254,3 +254,33 @@ def test_node_dies_while_the_actor_is_being_created(cluster):
         ray.kill(s)
     finally:
         os.unlink(marker)
+
+
+def test_actor_that_fits_nowhere_waits_for_a_node_that_fits(cluster):
+    import libclient as ray
+
+    doomed = cluster.add_node(num_cpus=1, resources={"rare": 1})
+    c = _counter_class().options(resources={"rare": 1}, max_restarts=1,
+                                 max_task_retries=-1).remote()
+    assert ray.get(c.inc.remote(), timeout=60) == (1, doomed.node_id)
+    cluster.remove_node(doomed, allow_graceful=False)
+    # No live node has "rare": the actor is parked, RESTARTING on no node.
+    _wait(lambda: (r := _row(c))["state"] == "RESTARTING" and r["node_id"] == b"", 20,
+          "the actor to be parked")
+    pending = c.inc.remote()
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        ray.get(pending, timeout=1)
+    fits = cluster.add_node(num_cpus=1, resources={"rare": 2})
+    assert ray.get(pending, timeout=30) == (1, fits.node_id)
+    assert _row(c)["num_restarts"] == 1
+    # A parked actor can be killed too (no raylet manages it while parked).
+    other = _counter_class().options(resources={"rare": 1}, max_restarts=1).remote()
+    assert ray.get(other.inc.remote(), timeout=30) == (1, fits.node_id)
+    cluster.remove_node(fits, allow_graceful=False)
+    _wait(lambda: _row(other)["state"] == "RESTARTING" and _row(other)["node_id"] == b"", 20,
+          "the second actor to be parked")
+    ray.kill(other)
+    _wait(lambda: _row(other)["state"] == "DEAD", 10, "the parked actor's death")
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(other.inc.remote(), timeout=10)
+    ray.kill(c)

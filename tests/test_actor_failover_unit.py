@@ -96,9 +96,18 @@ def test_a_parked_actor_is_placed_by_a_node_that_fits_without_another_restart():
     assert t.claim != af.claim_key(_row(n=0))
 
 
-def test_a_parked_actor_that_cannot_restart_is_not_declared_dead_by_a_node_that_cannot_hold_it():
+def test_a_parked_actor_already_counted_its_restart():
     parked = _row(state=RESTARTING, node=b"", n=1, max_restarts=1)
-    assert _plan([parked], {}, total=SMALL) == []
+    assert af.has_restart_left(parked) and not af.has_restart_left(_row(n=1, max_restarts=1))
+    records = {b"a1": _record({"GPU": 1})}
+    assert _plan([parked], records, total=SMALL, may_park=True) == []
+    [t] = _plan([parked], records)
+    assert t.action == af.PLACE_HERE and t.row["num_restarts"] == 1
+
+
+def test_a_parked_actor_without_a_record_is_left_alone():
+    # Only a raylet that can place it acts on it; nothing to declare dead on no node.
+    assert _plan([_row(state=RESTARTING, node=b"", n=1, max_restarts=1)], {}) == []
 
 
 def test_claim_keys_name_the_row_version_and_group_by_actor():

@@ -77,6 +77,13 @@ def claims_prefix(actor_id: bytes) -> bytes:
     return actor_id.hex().encode() + b":"
 
 
+def has_restart_left(row: Mapping[str, Any]) -> bool:
+    """Whether the row may run again. A parked row already counted the
+    restart it waits for; a row on a dead node would spend one more."""
+    used, allowed = int(row.get("num_restarts") or 0), int(row.get("max_restarts") or 0)
+    return used <= allowed if not row.get("node_id") else used < allowed
+
+
 def is_orphan(row: Any, dead_nodes: set[bytes]) -> bool:
     """Not DEAD, and on a dead node or parked (RESTARTING on no node)."""
     if not isinstance(row, dict) or not isinstance(row.get("actor_id"), bytes):
@@ -113,8 +120,7 @@ def _why_not_restartable(row: Mapping[str, Any], record: Mapping[str, Any] | Non
     node = row.get("node_id") or b""
     where = f"the actor's node {node.hex()} died" if node else "the actor was waiting for a node"
     max_restarts = int(row.get("max_restarts") or 0)
-    num_restarts = int(row.get("num_restarts") or 0)
-    if num_restarts >= max_restarts:
+    if not has_restart_left(row):
         return f"{where} and it has no restarts left (max_restarts={max_restarts})"
     if isinstance(record, Mapping) and record.get("killed"):
         return f"{where}; it had been killed ({record['killed']})"

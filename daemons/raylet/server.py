@@ -807,7 +807,7 @@ class Raylet:
             orphans = [r for r in rows if actor_failover.is_orphan(r, dead)]
             records = {}
             for row in orphans:
-                if int(row.get("num_restarts") or 0) < int(row.get("max_restarts") or 0):
+                if actor_failover.has_restart_left(row):
                     raw = self.gcs.kv_get(actor_failover.RECORDS_NS, row["actor_id"])
                     if raw is not None:
                         records[row["actor_id"]] = msgpack.unpackb(raw, raw=False)
