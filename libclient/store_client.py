@@ -90,13 +90,14 @@ class StoredObject:
         size: its size in bytes.
     """
 
-    __slots__ = ("oid", "size", "_client", "_view", "_weak", "__weakref__")
+    __slots__ = ("oid", "size", "_client", "_view", "_weak", "_handoff", "__weakref__")
 
     def __init__(self, client: StoreClient, oid: bytes, size: int,
-                 view: pa.Buffer | None) -> None:
+                 view: pa.Buffer | None, handoff: bool = False) -> None:
         self.oid = oid
         self.size = size
         self._client = client
+        self._handoff = handoff  # the hold passes to the owner in stored: never unhold
         self._view: pa.Buffer | None = None  # strong, while in the client's view cache
         self._weak: weakref.ref[pa.Buffer] | None = None
         if view is not None:
@@ -123,7 +124,8 @@ class StoredObject:
         return view
 
     def __del__(self) -> None:
-        self._client._releases.append((self.oid, _UNHOLD))  # atomic; safe from any thread
+        if not self._handoff:
+            self._client._releases.append((self.oid, _UNHOLD))  # atomic; safe from any thread
 
 
 def _map_arena(fd: int, size: int) -> tuple[mmap.mmap, int]:
@@ -217,11 +219,13 @@ class StoreClient:
         """Make a created object immutable and visible; wakes waiting gets."""
         self._call({"t": "seal", "oid": oid})
 
-    def write(self, oid: bytes, size: int, fill: Any) -> StoredObject:
+    def write(self, oid: bytes, size: int, fill: Any, handoff: bool = False) -> StoredObject:
         """Create, ``fill(view)``, seal, and hold an object: an owner's write.
 
         Returns the hold, with a pinned view of the bytes already cached
         (the creation pin becomes that view's pin: no extra round trip).
+        ``handoff``: a worker writing a task's return for its owner; stored
+        drops this hold when the owner takes its own (:meth:`hold`).
         """
         off = self._create(oid, size)
         view = self._view[off:off + size]
@@ -232,9 +236,9 @@ class StoreClient:
             self.abort(oid)
             raise
         view.release()
-        self._call({"t": "seal", "oid": oid, "hold": True})
+        self._call({"t": "seal", "oid": oid, "handoff" if handoff else "hold": True})
         buf = pa.foreign_buffer(self._base + off, size, base=_Pin(oid, self._releases))
-        return StoredObject(self, oid, size, buf)
+        return StoredObject(self, oid, size, buf, handoff)
 
     def hold(self, oid: bytes) -> StoredObject | None:
         """Hold a sealed object (a task return its owner now keeps); None if absent."""

@@ -275,3 +275,17 @@ def test_messages_parse_hold_flags_and_unhold():
     assert messages.parse({"t": "create", "r": 1, "oid": b"x", "size": 3}).wait
     with pytest.raises(messages.ProtocolError):
         messages.parse({"t": "seal", "r": 1, "oid": b"x", "hold": 1})
+
+
+def test_handoff_hold_passes_to_the_owner():
+    t = _table(capacity=512)
+    t.step(2, Create(1, b"ret", 256, True), 0)  # client 2: the worker
+    t.step(2, Seal(2, b"ret", hold=True, handoff=True), 0)
+    t.step(2, Release((b"ret",)), 0)
+    assert t.stats()["spillable_bytes"] == 256  # held by the worker meanwhile
+    t.step(1, Get(3, (b"ret",), 0, hold=True), 0)  # the owner holds it
+    t.step(1, Release((b"ret",)), 0)
+    assert t._objects[b"ret"].holds == {1: 1}
+    t.disconnect(2)  # the worker going changes nothing
+    t.step(1, Unhold((b"ret",)), 0)
+    assert t.stats()["spillable_bytes"] == 0 and t.policy.evictable_bytes == 256

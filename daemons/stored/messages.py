@@ -48,6 +48,7 @@ class Seal:
     r: int
     oid: bytes
     hold: bool = False  # the creator keeps a hold (may spill, never lost) besides its pin
+    handoff: bool = False  # ... until another client holds it (a worker's task return)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +198,9 @@ def parse(msg: dict[str, Any]) -> Request | Pull:
             raise ProtocolError("size must be >= 0")
         return Create(_r(msg), _oid(field(msg, "oid", bytes), "oid"), size, True)
     if t == "seal":
-        return Seal(_r(msg), _oid(field(msg, "oid", bytes), "oid"), _flag(msg, "hold"))
+        handoff = _flag(msg, "handoff")
+        return Seal(_r(msg), _oid(field(msg, "oid", bytes), "oid"),
+                    _flag(msg, "hold") or handoff, handoff)
     if t == "abort":
         return Abort(_r(msg), _oid(field(msg, "oid", bytes), "oid"))
     if t == "delete":

@@ -43,7 +43,9 @@ Spilling (with a :class:`~daemons.stored.spill.SpillPolicy`)
 --------------------------------------------------------------
 Besides pins, a client may *hold* an object (``seal``/``get`` with
 ``hold``; ``unhold`` drops it). A pin says "mapped, being read": never move
-it. A hold says "keep it, I own it": it may move to disk. So a sealed
+it. A hold says "keep it, I own it": it may move to disk. A worker seals its
+task's big return with a *handoff* hold, which goes when another client (the
+owner) holds the object, so the return is never unheld in between. So a sealed
 object is, by what it has::
 
     pins          -> pinned: stays in memory
@@ -152,6 +154,7 @@ class _Object:
     on_disk: bool = False  # a readable copy is in a spill file
     busy: bool = False  # a spill write or restore of it is in flight
     doomed: bool = False  # freed while busy: free it when the I/O ends
+    handoff: int | None = None  # client whose hold goes when another client holds it
 
 
 @dataclass(slots=True)
@@ -691,6 +694,8 @@ class ObjectTable:
             self._notices.append(("sealed", req.oid, obj.size))
         if req.hold:
             self._hold(obj, client)
+            if req.handoff:
+                obj.handoff = client
         if obj.pin_total == 0:
             self._place(obj)
         out = [Reply(client, {"r": req.r, "ok": True})]
@@ -782,6 +787,12 @@ class ObjectTable:
                 self._pin(obj, pending.client)
                 if pending.hold:
                     self._hold(obj, pending.client)
+                    if obj.handoff is not None and obj.handoff != pending.client:
+                        # The owner holds its task's return now: the worker's goes.
+                        if self._clients.get(obj.handoff) is not None and \
+                                self._clients[obj.handoff].holds.get(oid, 0) > 0:
+                            self._unhold(obj, obj.handoff, 1)
+                        obj.handoff = None
                 objs.append([obj.alloc.offset, obj.size])
         return Reply(pending.client, {"r": pending.r, "ok": True, "objs": objs})
 

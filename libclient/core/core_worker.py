@@ -228,7 +228,7 @@ class CoreWorker:
 
     def write_store(self, oid: bytes, ser: serialization.Serialized) -> Any:
         """Copy a serialized value into stored (a large return); return the hold on it."""
-        return self._store.write(oid, ser)
+        return self._store.write(oid, ser, handoff=True)
 
     def escape(self, refs: list[ObjectRef]) -> None:
         """These refs leave the process inside a value: make what we own of

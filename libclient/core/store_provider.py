@@ -76,10 +76,15 @@ class StoreProvider:
         self._freer: Any = None  # RemoteFreer, made on first use
         self._prefetcher: Any = None  # Prefetcher, made on first use
 
-    def write(self, oid: bytes, ser: serialization.Serialized) -> StoredObject:
-        """Copy a serialized value into stored; return the hold on it."""
+    def write(self, oid: bytes, ser: serialization.Serialized,
+              handoff: bool = False) -> StoredObject:
+        """Copy a serialized value into stored; return the hold on it.
+
+        ``handoff``: a task's return, written by the worker for its owner;
+        the worker's hold passes to the owner when the owner holds it.
+        """
         size = ser.store_size()
-        obj = self.client.write(oid, size, ser.write_into)
+        obj = self.client.write(oid, size, ser.write_into, handoff)
         with self._lock:
             self._refs.stored(oid, size)
         return obj
