@@ -86,6 +86,19 @@ class OwnerDiedError(ObjectLostError):
     """The process that owned the object exited before the object was stored."""
 
 
+class ObjectReconstructionFailedError(ObjectLostError):
+    """The object was lost and cannot be rebuilt (a ``put``, or no retries were allowed)."""
+
+
+class ObjectReconstructionFailedMaxAttemptsExceededError(ObjectLostError):
+    """The object was lost and its task already used up ``max_retries`` rebuilding it."""
+
+
+class ObjectReconstructionFailedLineageEvictedError(ObjectLostError):
+    """The object was lost and the spec of the task that made it was dropped
+    to keep lineage memory bounded."""
+
+
 class ObjectStoreFullError(RayError):
     """The node's object store has no room, even after evicting unused objects."""
 

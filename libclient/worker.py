@@ -21,13 +21,21 @@ from typing import Any
 
 from libclient import api, logs, serialization, spin
 from libclient.core import CoreWorker, error_wire_from
-from libclient.exceptions import RaySystemError, TaskCancelledError
+from libclient.exceptions import ObjectLostError, RaySystemError, TaskCancelledError
 from libclient.object_ref import ObjectRef
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 # How much of a holder's unread stream the SIGINT handler looks through for
 # cancel messages (the socket's receive buffer is 4 MiB at most).
 _PEEK_MAX = 8 * 1024 * 1024
+
+
+class _LostArgument(ObjectLostError):
+    """Every copy of an argument is gone (its node died, say)."""
+
+    def __init__(self, oid: bytes, why: str) -> None:
+        super().__init__(f"argument {oid.hex()} of this task was lost: {why}")
+        self.oid = oid
 
 
 class _Cancelled(BaseException):
@@ -178,7 +186,7 @@ class TaskRunner:
                 try:
                     args, kwargs = self._args(msg)
                 except Exception as exc:
-                    return self._error(tid, name, nret, exc, start)
+                    return self._arg_error(tid, name, nret, exc, start)
                 result = fn(*args, **kwargs)
             finally:
                 if track:
@@ -215,7 +223,8 @@ class TaskRunner:
         try:
             args, kwargs = self._args(msg)
         except Exception as exc:
-            return self._error(msg["tid"], msg.get("name", "?"), msg.get("nret", 1), exc, start)
+            return self._arg_error(msg["tid"], msg.get("name", "?"), msg.get("nret", 1), exc,
+                                   start)
         try:
             result = fn(*args, **kwargs)
             if asyncio.iscoroutine(result):
@@ -242,6 +251,15 @@ class TaskRunner:
             wrapped = TypeError(f"could not serialize the return value of {name}: {exc}")
             return self._error(tid, name, nret, wrapped, start)
 
+    def _arg_error(self, tid: bytes, name: str, nret: int, exc: BaseException,
+                   start: float) -> dict:
+        """An argument could not be had. A lost one is named in the reply, so
+        its owner can rebuild it and send the task again."""
+        reply = self._error(tid, name, nret, exc, start)
+        if isinstance(exc, _LostArgument):
+            reply["lost"] = exc.oid
+        return reply
+
     def _error(self, tid: bytes, name: str, nret: int, exc: BaseException, start: float) -> dict:
         try:
             raise exc
@@ -260,10 +278,16 @@ class TaskRunner:
             if how == "v":
                 kind, value = serialization.deserialize_wire(dep[2])
             else:
-                if len(dep) > 4:  # arguments arrive on this node before the task runs
-                    self.core.fetch_to_node(dep[2], dep[4])
                 where = dep[4] if len(dep) > 4 else ""
-                (value,) = self.core.get([ObjectRef(dep[2], dep[3], where, _count=False)], None)
+                try:
+                    if where:  # arguments arrive on this node before the task runs
+                        self.core.fetch_to_node(dep[2], where)
+                    (value,) = self.core.get([ObjectRef(dep[2], dep[3], where, _count=False)],
+                                             None)
+                except ObjectLostError as exc:
+                    if type(exc) is not ObjectLostError:
+                        raise  # its owner died, or it cannot be rebuilt: say so
+                    raise _LostArgument(dep[2], str(exc)) from exc
             if slot == "*":
                 args, kwargs = list(value[0]), value[1]
             elif isinstance(slot, int):

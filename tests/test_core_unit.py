@@ -312,3 +312,56 @@ def test_import_libclient_leaves_pyarrow_for_later():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- lineage
+def test_lineage_keeps_specs_within_a_bound_and_spends_retries_on_rebuilds():
+    tm = TaskManager()
+    tm.max_lineage_bytes = 3000
+    tasks = [_task(retries=1) for _ in range(5)]
+    for t in tasks:
+        t.size = 1000
+        tm.add(t)
+    evicted = []
+    for t in tasks:
+        tm.done(t, "FINISHED")
+        evicted += tm.keep(t, [])
+    # Past 3000 bytes the oldest go until half the bound remains.
+    assert [t.tid for t in evicted] == [t.tid for t in tasks[:3]]
+    assert tm.lineage_bytes == 2000 and set(tm.lineage) == {t.tid for t in tasks[3:]}
+    assert tm.resubmit(tasks[0].tid) == "evicted"
+    assert tm.resubmit(os.urandom(16)) == "none"
+    again = tm.resubmit(tasks[4].tid)
+    assert again is tasks[4] and again.retries_left == 0 and tasks[4].tid in tm.pending
+    tm.done(again, "FINISHED")
+    tm.keep(again, [])
+    assert tm.resubmit(tasks[4].tid) == "exhausted"  # its one retry went on the rebuild
+
+
+def test_minus_one_retries_never_run_out():
+    tm = TaskManager()
+    t = _task(retries=-1)
+    tm.add(t)
+    assert tm.on_connection_lost(t) == task_manager.RETRY and t.retries_left == -1
+
+
+def test_an_argument_held_only_by_lineage_frees_its_value_but_keeps_its_entry():
+    from libclient.core.references import RELEASED
+
+    t = ReferenceTable(NODE, PID, HERE)
+    arg = _owned(t, buf=object())
+    t.hold_for_lineage([arg])  # a kept spec names it
+    assert t.release(collections.deque([arg]), {}) == [arg]  # the value goes ...
+    assert t.owned[arg].state == RELEASED  # ... the entry stays, to be rebuilt
+    assert t.dropped == []
+    assert t.unhold_for_lineage([arg]) == []  # the spec went: so does the entry
+    assert arg not in t.owned and t.dropped == [arg]
+
+
+def test_a_lost_object_becomes_pending_again():
+    t = ReferenceTable(NODE, PID, HERE)
+    oid = _owned(t)
+    t.owned[oid].loc = "10.0.0.9:1"
+    entry = t.lost(oid)
+    assert entry.state == PENDING and entry.loc == "" and entry.buf is None
+    assert t.lost(os.urandom(20)) is None

@@ -38,13 +38,15 @@ from libclient.core.actor_submitter import ActorConn, ActorSubmitter
 from libclient.core.errors import error_wire
 from libclient.core.io_loop import Conn, IoLoop, RemoteRaylet
 from libclient.core.owner_notices import OwnerNotices
-from libclient.core.references import READY, Entry, ReferenceTable
+from libclient.core.references import PENDING, READY, RELEASED, Entry, ReferenceTable
 from libclient.core.store_provider import StoreProvider
 from libclient.core.task_manager import Task, TaskManager
 from libclient.core.task_submitter import Lease, TaskSubmitter, strategy_key
 from libclient.exceptions import (
     GetTimeoutError,
     ObjectLostError,
+    ObjectReconstructionFailedLineageEvictedError,
+    ObjectReconstructionFailedMaxAttemptsExceededError,
     ObjectStoreFullError,
     RaySystemError,
     RayTaskError,
@@ -121,10 +123,98 @@ class CoreWorker:
             freed = self._refs.release(object_ref._released, self._tasks.pending)
             if freed:
                 self._store.free(freed)
+        if self._refs.dropped:
+            self._settle_lineage()
 
     def _drop(self, oid: bytes, entry: Entry) -> None:
         if self._refs.drop(oid, entry):
             self._store.free([oid])
+        if self._refs.dropped:
+            self._settle_lineage()
+
+    # --------------------------------------------------------------- lineage
+    def _settle_lineage(self) -> None:
+        """Forget kept task specs none of whose returns is owned any more, and
+        with them the lineage holds on their arguments (lock held)."""
+        refs, tasks = self._refs, self._tasks
+        freed: list[bytes] = []
+        while refs.dropped:
+            dropped, refs.dropped = refs.dropped, []
+            for oid in dropped:
+                task = tasks.lineage.get(oid[:16])
+                if task is None or any(r in refs.owned for r in task.return_ids):
+                    continue
+                tasks.forget(task.tid)
+                freed += self._unhold(task)
+        if freed:
+            self._store.free(freed)
+
+    def _unhold(self, task: Task) -> list[bytes]:
+        deps, task.lineage_deps, task.args_hold = task.lineage_deps or [], None, None
+        return self._refs.unhold_for_lineage([d[1] for d in deps if d[1] in self._refs.owned])
+
+    def _keep_lineage(self, task: Task) -> None:
+        """A finished task whose returns went to a store: keep its spec while they
+        are owned, so a lost one can be rebuilt (lock held)."""
+        owned = self._refs.owned
+        deps = [(slot, r._id, r._owner_pid, r._owner_addr) for slot, r in task.deps]
+        deps += [(None, r._id, r._owner_pid, r._owner_addr) for r in task.args_hold or ()]
+        self._refs.hold_for_lineage([d[1] for d in deps if d[1] in owned])
+        borrowed = [r for _, r in task.deps if r._id not in owned]
+        borrowed += [r for r in task.args_hold or () if r._id not in owned]
+        self._tasks.done(task, "FINISHED")
+        task.args_hold = borrowed or None  # borrowed arguments: keep holding them
+        freed: list[bytes] = []
+        for old in self._tasks.keep(task, deps):
+            freed += self._unhold(old)
+        if freed:
+            self._store.free(freed)
+
+    def _rebuild(self, oid: bytes) -> str | None:
+        """Every copy of owned ``oid`` is lost: run its task again (and first,
+        recursively, the tasks of its arguments whose values were freed).
+        None if the rebuild is under way; else why it cannot be (lock held)."""
+        entry = self._refs.owned.get(oid)
+        if entry is None:
+            return "none"
+        if entry.state == PENDING:
+            return None  # being rebuilt already
+        res = self._tasks.resubmit(oid[:16])
+        if isinstance(res, str):
+            return res
+        task = res
+        for rid in task.return_ids:
+            self._refs.lost(rid)
+        deps, nested = [], []
+        for slot, d, opid, oaddr in task.lineage_deps or ():
+            ref = ObjectRef(d, opid, oaddr)
+            if slot is None:
+                nested.append(ref)
+            else:
+                deps.append((slot, ref))
+        freed = self._unhold(task)  # the refs above hold them now
+        if freed:
+            self._store.free(freed)
+        task.deps, task.args_hold, task.unresolved = deps, nested, 0
+        self._tasks.mark(task, "PENDING")
+        for ref in [r for _, r in deps] + nested:
+            dep = self._refs.owned.get(ref._id)
+            if dep is not None and dep.state == RELEASED:
+                why = self._rebuild(ref._id)
+                if why is not None:
+                    self._finish_error(task, error_wire(_lost_error(ref._id, why)))
+                    return None
+        self._refs.wait_for_args(task)
+        if task.unresolved == 0:
+            self._enqueue(task)
+        return None
+
+    def _rebuild_or_raise(self, oid: bytes, cause: Exception | None = None) -> None:
+        """Start rebuilding ``oid`` or raise the error saying why it cannot be."""
+        with self._lock:
+            why = self._rebuild(oid)
+        if why is not None:
+            raise _lost_error(oid, why) from cause
 
     # ------------------------------------------------------------- borrowers
     def borrow_report(self) -> list[list] | None:
@@ -252,6 +342,8 @@ class CoreWorker:
                 if entry is None:
                     out.append(None)
                     continue
+                if entry.state == RELEASED:  # a handle made after its value went
+                    self._rebuild_or_raise(ref._id)
                 if entry.state != READY:
                     self._wait_entry(entry, deadline, ref._id)
                 out.append(entry)
@@ -266,19 +358,32 @@ class CoreWorker:
         for ref, entry in zip(refs, out, strict=False):
             if entry is None:
                 kind, value = self._store.read_borrowed(ref, deadline)
-            elif entry.buf is None and entry.loc:
-                entry.buf = self._store.pull_and_pin(ref._id, entry.loc, deadline)
-                kind, value = self._store.read(entry.buf)
-            elif entry.buf is not None:
-                kind, value = self._store.read(entry.buf)
             else:
-                kind, value = serialization.deserialize_wire(entry.wire)
+                kind, value = self._read_owned(ref, entry, deadline)
             if kind == serialization.KIND_ERROR:
                 if isinstance(value, RayTaskError):
                     raise value.as_instanceof_cause()
                 raise value
             values.append(value)
         return values
+
+    def _read_owned(self, ref: ObjectRef, entry: Entry, deadline: float | None
+                    ) -> tuple[int, Any]:
+        """An owned value; a remote copy is pulled here first, and rebuilt from
+        lineage if every copy is gone (each rebuild spends a retry, so this ends)."""
+        while True:
+            if entry.state != READY:
+                with self._lock:
+                    self._wait_entry(entry, deadline, ref._id)
+            if entry.buf is None and entry.loc:
+                try:
+                    entry.buf = self._store.pull_and_pin(ref._id, entry.loc, deadline)
+                except ObjectLostError as exc:
+                    self._rebuild_or_raise(ref._id, exc)
+                    continue
+            if entry.buf is not None:
+                return self._store.read(entry.buf)
+            return serialization.deserialize_wire(entry.wire)
 
     def _reply_conn(self, oid: bytes | None) -> Conn | None:
         """The connection the reply for ``oid`` will arrive on, if it is in flight."""
@@ -496,6 +601,8 @@ class CoreWorker:
             event = {"name": name, "fn": fn_key, "job": self.job_id, "nret": num_returns,
                      "deps": [r._id for _, r in deps], "owner_pid": self.pid}
             task = Task(tid, key, demand, msg, deps, return_ids, max_retries, name, refs, event)
+            if payload is not _EMPTY_ARGS:  # inline arguments: what keeping the spec costs
+                task.size += len(payload[1]) + sum(len(b) for b in payload[2])
             self._tasks.add(task)
             self._refs.wait_for_args(task)
             if key[0] == "actor":
@@ -664,6 +771,8 @@ class CoreWorker:
         if isinstance(conn, Lease):
             self._submitter.record_duration(conn, msg.get("dur"))
         status = msg.get("err", 0)
+        if status and "lost" in msg and self._retry_after_rebuild(task, msg["lost"]):
+            return
         outcome = self._tasks.on_reply(task, status)
         if outcome == task_manager.RETRY:
             self._requeue(task)
@@ -701,6 +810,25 @@ class CoreWorker:
             self._complete(oid, entry)
         self._task_done(task, "FAILED" if outcome == task_manager.FAILED else "FINISHED")
 
+    def _retry_after_rebuild(self, task: Task, lost: Any) -> bool:
+        """The task's worker found an argument of ours lost: rebuild it and run
+        the task again once it is back (no retry spent). False if it cannot
+        be rebuilt, so the task fails with the worker's error."""
+        if task.key[0] != "task" or task.cancelled or not isinstance(lost, bytes):
+            return False
+        entry = self._refs.owned.get(lost)
+        if entry is None or entry.buf is not None or self._rebuild(lost) is not None:
+            return False  # not ours, here all along, or beyond rebuilding
+        task.lease = None
+        self._tasks.mark(task, "PENDING")
+        self._refs.wait_for_args(task)
+        if task.unresolved == 0:
+            self._enqueue(task)
+        cls = self._submitter.classes.get(task.key)
+        if cls is not None:
+            self._submitter.pump(cls)  # the lease's slot may take the next one
+        return True
+
     def _complete(self, oid: bytes, entry: Entry) -> None:
         """An owned value arrived: promote it if it escaped, release waiting tasks."""
         promote, waiters = self._refs.complete(entry)
@@ -727,9 +855,15 @@ class CoreWorker:
         self._task_done(task, "FAILED")
 
     def _task_done(self, task: Task, state: str) -> None:
-        self._tasks.done(task, state)
+        lease = task.lease
+        if state == "FINISHED" and task.retryable and task.key[0] == "task" and any(
+                e is not None and (e.buf is not None or e.loc)
+                for e in map(self._refs.owned.get, task.return_ids)):
+            self._keep_lineage(task)
+        else:
+            self._tasks.done(task, state)
         self._cv.notify_all()
-        if isinstance(task.lease, Lease):
+        if isinstance(lease, Lease):
             self._submitter.task_done(task)
 
     # ---------------------------------------------------------- housekeeping
@@ -823,3 +957,16 @@ def _rebuild_large_args(meta: Any, buffers: list) -> Any:
 
 
 _EMPTY_ARGS = serialization.serialize(((), {})).to_wire()
+
+
+def _lost_error(oid: bytes, why: str) -> ObjectLostError:
+    """The error for a lost object that cannot be rebuilt, by Ray's names."""
+    if why == "exhausted":
+        return ObjectReconstructionFailedMaxAttemptsExceededError(
+            f"object {oid.hex()} was lost and its task has no retries left to rebuild it")
+    if why == "evicted":
+        return ObjectReconstructionFailedLineageEvictedError(
+            f"object {oid.hex()} was lost and the spec of the task that made it was "
+            "evicted to bound lineage memory")
+    return ObjectLostError(f"object {oid.hex()} was lost: every copy is gone and it cannot "
+                           "be rebuilt (made by put, or by a task with max_retries=0)")

@@ -61,13 +61,14 @@ from libclient.object_ref import ObjectRef
 
 PENDING = 0
 READY = 1
+RELEASED = 2  # value freed; the entry stays because lineage names it
 
 
 class Entry:
     """An owned object: pending until its task replies, then inline or stored."""
 
     __slots__ = ("state", "wire", "buf", "escaped", "waiters", "count", "loc", "loc_size",
-                 "borrowers", "contained", "copies")
+                 "borrowers", "contained", "copies", "lineage")
 
     def __init__(self) -> None:
         self.state = PENDING
@@ -82,6 +83,7 @@ class Entry:
         self.borrowers: dict[tuple[str, int], int] | None = None
         self.contained: list[ObjectRef] | None = None  # refs nested in the value
         self.copies: set[str] | None = None  # other nodes' stores our tasks pulled it to
+        self.lineage = 0  # kept task specs that name it as an argument
 
 
 class Borrowed:
@@ -112,6 +114,7 @@ class ReferenceTable:
         self.relayed: list[list] = []
         # another node's store -> ids of our objects to free there
         self.remote_frees: dict[str, list[bytes]] = {}
+        self.dropped: list[bytes] = []  # forgotten since the caller last looked (lineage)
         # object id -> latest location row, sent to gcsd's objects table in batches
         self.object_events: dict[bytes, dict] = {}
 
@@ -266,21 +269,67 @@ class ReferenceTable:
         faulted-in) memory is reused by the next large put. Borrowers were
         waited for before this is called.
         """
-        del self.owned[oid]
+        if entry.lineage > 0:
+            # A kept task spec names it: free the value, keep the entry (and
+            # its own lineage) so the spec can still be run again.
+            entry.state = RELEASED
+        else:
+            del self.owned[oid]
+            self.dropped.append(oid)
         entry.contained = None  # refs nested in the value: released with it
         if entry.loc:  # the copy a task left on its node: freed there too
             self.remote_frees.setdefault(entry.loc, []).append(oid)
         for addr in entry.copies or ():  # and the copies our tasks pulled
             self.remote_frees.setdefault(addr, []).append(oid)
+        entry.loc = ""
+        entry.copies = None
         if entry.buf is None:
             return False
         entry.buf = None
         self.object_events[oid] = {"node_id": self.node_id, "state": "FREED"}
         return True
 
+    def hold_for_lineage(self, oids: list[bytes]) -> None:
+        for oid in oids:
+            entry = self.owned.get(oid)
+            if entry is not None:
+                entry.lineage += 1
+
+    def unhold_for_lineage(self, oids: list[bytes]) -> list[bytes]:
+        """A kept spec went: drop the entries it alone kept; return those the
+        caller must free in stored."""
+        to_free = []
+        for oid in oids:
+            entry = self.owned.get(oid)
+            if entry is None:
+                continue
+            entry.lineage -= 1
+            if entry.lineage <= 0 and entry.count <= 0 and not entry.borrowers \
+                    and entry.state != PENDING:
+                if entry.state == RELEASED:
+                    del self.owned[oid]
+                    self.dropped.append(oid)
+                elif self.drop(oid, entry):
+                    to_free.append(oid)
+        return to_free
+
+    def lost(self, oid: bytes) -> Entry | None:
+        """Every copy of owned ``oid`` is gone: make it pending again for a
+        rebuild (the caller resubmits its task). None if it is not ours."""
+        entry = self.owned.get(oid)
+        if entry is None:
+            return None
+        entry.state = PENDING
+        entry.buf = None
+        entry.wire = None
+        entry.loc = ""
+        entry.copies = None
+        return entry
+
     def unreferenced(self, oid: bytes, entry: Entry) -> bool:
         """After completion: nothing here holds it and nobody outside can ask."""
-        return entry.count <= 0 and not entry.borrowers and oid in self.owned
+        return entry.count <= 0 and not entry.borrowers and oid in self.owned \
+            and entry.state != RELEASED
 
     def stored(self, oid: bytes, size: int) -> None:
         """Record that ``oid`` is now in this node's stored (for gcsd)."""

@@ -20,6 +20,17 @@ FAILED. ``max_retries`` counts down on crashes and, with
 ``retry_exceptions``, on exceptions the worker marked retryable. A cancelled
 task is never retried.
 
+*Lineage (Ray 2's owner-driven recovery).* A finished normal task whose
+returns went to a store and that may still be retried (``max_retries`` left,
+-1 meaning no limit) is kept in ``lineage`` while any of its returns is
+owned, so a lost return can be rebuilt by running it again. Its owned
+arguments are held by lineage counts (``Entry.lineage``, see references.py):
+their values may be freed once nothing else holds them, but their entries
+and their own lineage stay, so a chain can be rebuilt from its start. The
+total is bounded: past ``MAX_LINEAGE_BYTES`` (estimated spec sizes) the
+oldest specs are dropped until half remains, and their returns can no
+longer be rebuilt (ObjectReconstructionFailedLineageEvictedError).
+
 Pure: no sockets, no threads; the core worker calls in under its lock.
 """
 
@@ -35,12 +46,17 @@ FAILED = 3
 # The worker's "err" field: 0 ok, 1 raised, 2 raised and retryable.
 _RETRYABLE = 2
 
+MAX_LINEAGE_BYTES = 256 * 1024 * 1024
+_SPEC_OVERHEAD = 512  # bytes a kept spec costs beyond its inline arguments
+_EVICTED_MEMORY = 100_000  # evicted task ids remembered, for the error's name
+
 
 class Task:
     """One submitted task, actor call or actor creation."""
 
     __slots__ = ("tid", "key", "demand", "msg", "deps", "unresolved", "return_ids",
-                 "retries_left", "lease", "cancelled", "name", "args_hold", "event")
+                 "retries_left", "lease", "cancelled", "name", "args_hold", "event",
+                 "lineage_deps", "size", "retryable")
 
     def __init__(self, tid: bytes, key: tuple, demand: dict, msg: dict, deps: list,
                  return_ids: list[bytes], retries: int, name: str, args_hold: Any,
@@ -58,6 +74,10 @@ class Task:
         self.name = name
         self.args_hold = args_hold  # keeps arg refs alive until the task ends
         self.event: dict = event or {}  # the task's row in gcsd's tasks table, less its state
+        # while kept for lineage: [(slot or None if nested, oid, owner pid, owner store)]
+        self.lineage_deps: list[tuple] | None = None
+        self.size = _SPEC_OVERHEAD  # estimated bytes, for the lineage bound
+        self.retryable = retries != 0  # may ever run again (kept for lineage if so)
 
 
 class TaskManager:
@@ -66,6 +86,10 @@ class TaskManager:
     def __init__(self) -> None:
         self.pending: dict[bytes, Task] = {}
         self.events: dict[bytes, dict] = {}  # task id -> latest row, for gcsd
+        self.lineage: dict[bytes, Task] = {}  # finished tasks kept to rebuild returns
+        self.lineage_bytes = 0
+        self.max_lineage_bytes = MAX_LINEAGE_BYTES
+        self.evicted: dict[bytes, None] = {}  # recently evicted lineage (ordered set)
 
     def add(self, task: Task) -> None:
         self.pending[task.tid] = task
@@ -92,8 +116,8 @@ class TaskManager:
 
     def on_reply(self, task: Task, status: int) -> int:
         """The worker answered (``status`` is its ``err`` field): what now?"""
-        if status == _RETRYABLE and task.retries_left > 0 and not task.cancelled:
-            task.retries_left -= 1
+        if status == _RETRYABLE and task.retries_left != 0 and not task.cancelled:
+            _spend(task)
             task.lease = None
             return RETRY
         if status:
@@ -105,8 +129,8 @@ class TaskManager:
         task.lease = None
         if task.cancelled:
             return CANCELLED
-        if task.retries_left > 0:
-            task.retries_left -= 1
+        if task.retries_left != 0:
+            _spend(task)
             return RETRY
         return FAILED
 
@@ -125,3 +149,54 @@ class TaskManager:
         task.args_hold = None
         task.deps = []
         self.mark(task, state)
+
+    # --------------------------------------------------------------- lineage
+    def keep(self, task: Task, deps: list[tuple]) -> list[Task]:
+        """Keep a finished task to rebuild its returns (``deps`` as in
+        ``lineage_deps``). Returns the older specs evicted to stay in bounds;
+        the caller releases their lineage holds."""
+        task.lineage_deps = deps
+        task.lease = None
+        self.lineage[task.tid] = task
+        self.lineage_bytes += task.size
+        evicted = []
+        if self.lineage_bytes > self.max_lineage_bytes:
+            for tid in list(self.lineage):
+                if self.lineage_bytes <= self.max_lineage_bytes // 2:
+                    break
+                old = self.forget(tid)
+                if old is not None:
+                    evicted.append(old)
+                    self.evicted[tid] = None
+            while len(self.evicted) > _EVICTED_MEMORY:
+                del self.evicted[next(iter(self.evicted))]
+        return evicted
+
+    def forget(self, tid: bytes) -> Task | None:
+        """Drop a kept task (none of its returns is owned any more)."""
+        task = self.lineage.pop(tid, None)
+        if task is not None:
+            self.lineage_bytes -= task.size
+        return task
+
+    def resubmit(self, tid: bytes) -> Task | str:
+        """A return of kept task ``tid`` was lost: take the task to run again,
+        spending one retry. Otherwise say why not: "evicted", "exhausted" or
+        "none" (a put, an actor call, or a task with max_retries=0)."""
+        task = self.lineage.get(tid)
+        if task is None:
+            return "evicted" if tid in self.evicted else "none"
+        if task.retries_left == 0:
+            return "exhausted"
+        _spend(task)
+        self.forget(tid)
+        task.cancelled = False
+        self.pending[tid] = task
+        self.mark(task, "PENDING")
+        return task
+
+
+def _spend(task: Task) -> None:
+    """One more run of ``task`` (a retry or a rebuild); -1 means no limit."""
+    if task.retries_left > 0:
+        task.retries_left -= 1
