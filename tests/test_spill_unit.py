@@ -289,3 +289,18 @@ def test_handoff_hold_passes_to_the_owner():
     t.disconnect(2)  # the worker going changes nothing
     t.step(1, Unhold((b"ret",)), 0)
     assert t.stats()["spillable_bytes"] == 0 and t.policy.evictable_bytes == 256
+
+
+def test_spill_for_a_waiting_pull_starts_only_what_is_missing():
+    t = _table(capacity=1024)
+    for i in range(4):
+        _put_held(t, 1, bytes([i]))
+    assert t.room == 0
+    t.spill_for(512)
+    io = t.take_io()
+    assert sum(w.nbytes for w in io) == 512
+    t.spill_for(512)  # the writes in flight cover it: nothing more
+    assert t.take_io() == []
+    for w in io:
+        t.spill_done(w.file_id, True)
+    assert t.room == 512

@@ -239,6 +239,10 @@ class TransferShell:
             self.pulls.tick(now)
             self._tick_at = self.pulls.next_deadline()
         if self.pulls.waiting:
+            need = self.pulls.first_waiting_size()
+            if need > self.table.room:
+                # The store is full of held objects: spill some so the pull fits.
+                self.table.spill_for(need)
             self.pulls.admit(self.table.room)
         self._run(now)
         if now >= self._housekeeping_at:

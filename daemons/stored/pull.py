@@ -196,6 +196,13 @@ class PullManager:
         """Some pull waits for room (the shell should call :meth:`admit`)."""
         return bool(self._waiting)
 
+    def first_waiting_size(self) -> int:
+        """Bytes the first pull waiting for room needs (0 if none): what the
+        store should make room for, spilling if it must."""
+        if not self._waiting:
+            return 0
+        return align_up(self._pulls[self._waiting[0]].size)
+
     def state(self, oid: bytes) -> str | None:
         p = self._pulls.get(oid)
         return None if p is None else p.state

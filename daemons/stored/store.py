@@ -508,6 +508,15 @@ class ObjectTable:
         self._pin(obj, client)
         return [Reply(client, {"r": r, "ok": True, "offset": alloc.offset})]
 
+    def spill_for(self, size: int) -> None:
+        """Start spilling so ``size`` bytes can fit (for a pull waiting for room).
+
+        Writes already in flight count: calling this every loop turn while
+        the pull waits starts no more than needed.
+        """
+        if self.spill is not None and self.spillable.evictable_bytes:
+            self._spill_for(size)
+
     def _spill_for(self, size: int) -> bool:
         """Start spilling so ``size`` bytes can fit; True if writes are (now) in flight.
 
