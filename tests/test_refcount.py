@@ -198,3 +198,29 @@ def test_wait_fetch_local_brings_remote_objects_to_this_node(cluster):
     assert [int(a.sum()) for a in ray.get(refs, timeout=60)] == [5 * (MB + i) for i in range(4)]
     ready, _ = ray.wait(refs, num_returns=4, timeout=30, fetch_local=False)
     assert len(ready) == 4
+
+
+def slow_big(n):
+    time.sleep(60)
+    return np.zeros(n, dtype=np.uint8)
+
+
+class Maker:
+    def start(self):
+        import libclient as ray
+
+        self.ref = ray.remote(num_cpus=0)(slow_big).remote(MB)  # owned by this actor
+        return [self.ref]
+
+
+def test_a_borrower_sees_owner_died_within_seconds(cluster):
+    import libclient as ray
+    from libclient.exceptions import OwnerDiedError
+
+    maker = ray.remote(resources={"far": 1})(Maker).remote()
+    (ref,) = ray.get(maker.start.remote(), timeout=30)
+    ray.kill(maker)  # the owner dies before its object exists
+    start = time.monotonic()
+    with pytest.raises(OwnerDiedError):
+        ray.get(ref, timeout=30)
+    assert time.monotonic() - start < 10

@@ -13,7 +13,7 @@ Messages handled (``t``):
   blocked / unblocked {}                  -> a worker's task waits in get
   resources     {r}                       -> {total, available}
   to_pid        {pid, msg, probe?}        -> msg handed to that local process
-                                             (probe: {t: pid_gone} if none)
+                                             (probe: {t: pid_status, pid, store, alive})
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ class Raylet:
                  tcp_listen: socket.socket | None = None, store_address: str = "",
                  resources: dict[str, float], gpus: list[dict[str, Any]], pool: WorkerPool,
                  store_socket: str, gcs: Any, gcs_address: str, log: Any,
-                 max_workers: int, wake_fd: int) -> None:
+                 max_workers: int, wake_fd: int,
+                 store_watch: socket.socket | None = None) -> None:
         self.listen = listen
         self.socket_path = socket_path
         self.node_id = node_id
@@ -119,6 +120,13 @@ class Raylet:
         if tcp_listen is not None:
             self.sel.register(tcp_listen, selectors.EVENT_READ, "tcp")
         self.sel.register(wake_fd, selectors.EVENT_READ, "wake")
+        # A connection to our stored that carries nothing: when it closes,
+        # stored died and took every object on this node with it.
+        self.store_watch = store_watch
+        if store_watch is not None:
+            store_watch.setblocking(False)
+            self.sel.register(store_watch, selectors.EVENT_READ, "store")
+        self.exit_status = 0  # non-zero: the loop ended because this node cannot serve
         self.conns: dict[int, _Conn] = {}
         self._by_pid: dict[int, _Conn] = {}  # local drivers and workers, by pid
         self.leases: dict[int, _Lease] = {}
@@ -156,7 +164,7 @@ class Raylet:
             self.pool.start()
 
     def run(self, stop: Any) -> None:
-        while not stop.stopping:
+        while not stop.stopping and not self.exit_status:
             self.last_loop = time.monotonic()  # a watchdog reads this: the loop turns
             for key, events in self.sel.select(timeout=0.1):
                 if key.data is None:
@@ -168,6 +176,8 @@ class Raylet:
                         os.read(key.fd, 64)
                     except BlockingIOError:
                         pass
+                elif key.data == "store":
+                    self._on_store_watch()
                 else:
                     conn = key.data
                     if events & selectors.EVENT_READ:
@@ -175,6 +185,27 @@ class Raylet:
                     if events & selectors.EVENT_WRITE and not conn.closed:
                         self._flush(conn)
             self._housekeeping()
+
+    def _on_store_watch(self) -> None:
+        """stored closed our watch connection: it died (or was restarted).
+
+        Its arena, and so every object on this node, is gone, and workers
+        hold connections to a store that no longer exists. The raylet ends
+        (non-zero), taking its workers with it, and unregisters the node:
+        owners see their copies here as lost, drivers here see their raylet
+        go, and a supervisor restarts both daemons as a fresh node.
+        """
+        try:
+            data = self.store_watch.recv(4096)  # type: ignore[union-attr]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            return  # stored says nothing on this connection; ignore it if it does
+        self.log.error("store_lost", store_socket=self.store_socket,
+                       reason="stored closed the raylet's connection; leaving the cluster")
+        self.exit_status = 3
 
     def close(self) -> None:
         for conn in list(self.conns.values()):
@@ -186,6 +217,8 @@ class Raylet:
             self.tcp_listen.close()
         if self._node_sub:
             self._node_sub.close()
+        if self.store_watch is not None:
+            self.store_watch.close()
         try:
             os.unlink(self.socket_path)
         except FileNotFoundError:
@@ -343,13 +376,14 @@ class Raylet:
         """Hand a borrower/owner notice to a local process (its pid), from any
         node: owners do not listen, but every process is connected to us.
         Only notice types are passed on; a probe for a process not connected
-        here is answered ``pid_gone``."""
+        here is answered ``pid_status`` (alive or not): owners ask it of
+        borrowers, borrowers of owners."""
         pid = mfield(msg, "pid", int)
         body = mfield(msg, "msg", dict)
         target = self._by_pid.get(pid)
         if msg.get("probe"):
-            if target is None:
-                self._send(conn, {"t": "pid_gone", "pid": pid, "store": self.store_address})
+            self._send(conn, {"t": "pid_status", "pid": pid, "store": self.store_address,
+                              "alive": target is not None})
             return
         if body.get("t") not in _NOTICES:
             raise ProtocolError(f"to_pid carries {body.get('t')!r}, not a notice")

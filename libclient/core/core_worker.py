@@ -110,6 +110,8 @@ class CoreWorker:
         self._actors = ActorSubmitter(self._io, self._refs, self._tasks, self.gcs, self.node_id,
                                       self._finish_error, self._task_done)
         self._notices = OwnerNotices(self._io, self.gcs, self.store_address, self.pid)
+        self._asked: dict[tuple[str, int], bool | None] = {}  # process liveness asked
+        self._store.owner_alive = self.process_alive
         object_ref._incref = self._refs.incref
         self._io.start(timeout=self._io_timeout, on_raylet=self._read_raylet,
                        on_readable=self._read_conn, tick=self._tick)
@@ -286,9 +288,33 @@ class CoreWorker:
                             self._drop(item[0], entry)
         elif t == "add_borrower":
             self._on_borrows(msg.get("items"))
-        elif t == "pid_gone":
+        elif t == "pid_status":
             key = (msg.get("store"), msg.get("pid"))
-            self._forget_borrowers(lambda k: k == key)
+            if not msg.get("alive"):
+                self._forget_borrowers(lambda k: k == key)
+            if key in self._asked:
+                self._asked[key] = bool(msg.get("alive"))
+                self._cv.notify_all()
+
+    def process_alive(self, store_address: str, pid: int, timeout: float = 2.0) -> bool:
+        """Is process ``pid`` on the node of ``store_address`` alive? Asks that
+        node's raylet; True if no answer comes in time (cannot tell)."""
+        key = (store_address, pid)
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._asked[key] = None
+            try:
+                if not self._notices.ask_alive(key):
+                    return False
+                self._io.wake(b"w")
+                while self._asked.get(key) is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._io.closed:
+                        return True
+                    self._cv.wait(min(remaining, 0.1))
+                return bool(self._asked[key])
+            finally:
+                self._asked.pop(key, None)
 
     def _forget_borrowers(self, dead: Any) -> None:
         for oid in self._refs.drop_borrowers_where(dead):
@@ -722,7 +748,7 @@ class CoreWorker:
     def _read_remote_raylet(self, rr: RemoteRaylet, msgs: list[dict] | None,
                             failed: str | None) -> None:
         for m in msgs or ():
-            if m.get("t") == "pid_gone":
+            if m.get("t") == "pid_status":
                 self._on_owner_notice(m)
             elif m.get("r") != 0:  # 0 is our hello
                 self._on_raylet_reply(m.get("r"), m, rr)

@@ -13,8 +13,10 @@ one path in order, so a borrow registered before a removal arrives first.
 
 The owner also needs to learn of borrowers that die without a word. Every
 ``PROBE_S`` it sends ``{t: to_pid, pid, probe: true}`` for each borrower it
-counts; the borrower's raylet answers ``pid_gone`` if no such process is
-connected to it, and borrowers on nodes gcsd declared dead are dropped.
+counts; the borrower's raylet answers ``pid_status`` (alive: false if no
+such process is connected to it), and borrowers on nodes gcsd declared dead
+are dropped. A borrower asks the same of an owner whose object it waits for
+(:meth:`ask_alive`), so its ``get`` ends with OwnerDiedError, not a hang.
 
 Notices are batched per owner per I/O turn (the core worker's tick).
 """
@@ -88,6 +90,21 @@ class OwnerNotices:
                 if rr is not None:
                     self._io.write(rr, pack(wrapped))
         return dead
+
+    def ask_alive(self, key: tuple[str, int]) -> bool:
+        """Send one probe for process ``key``; False if its node is known dead
+        (the answer, ``pid_status``, arrives through the core worker)."""
+        addr, pid = key
+        wrapped = {"t": "to_pid", "pid": pid, "probe": True, "msg": {"t": "probe"}}
+        if not addr or addr == self._store_address:
+            self._io.raylet_send(wrapped)
+            return True
+        rr = self._raylet_for(addr)
+        if rr is None:
+            self._refresh(force=True)
+            return addr not in self._dead_stores
+        self._io.write(rr, pack(wrapped))
+        return True
 
     def _raylet_for(self, store_address: str) -> Any:
         known = self._raylets.get(store_address)

@@ -75,6 +75,8 @@ class StoreProvider:
         self._wait_client: StoreClient | None = None  # second connection for long waits
         self._freer: Any = None  # RemoteFreer, made on first use
         self._prefetcher: Any = None  # Prefetcher, made on first use
+        # (store address, pid) -> is that process alive? Set by the core worker.
+        self.owner_alive: Callable[[str, int], bool] | None = None
 
     def write(self, oid: bytes, ser: serialization.Serialized,
               handoff: bool = False) -> StoredObject:
@@ -150,6 +152,10 @@ class StoreProvider:
                 if not self._store_address_alive(ref.owner_addr):
                     raise OwnerDiedError(f"object {ref.hex()} was lost: its owner's node "
                                          f"({ref.owner_addr}) died")
+                if ref.owner_pid and self.owner_alive is not None \
+                        and not self.owner_alive(ref.owner_addr, ref.owner_pid):
+                    raise OwnerDiedError(f"object {ref.hex()} was lost: its owner (pid "
+                                         f"{ref.owner_pid} on {ref.owner_addr}) exited")
             time.sleep(0.05)
 
     def _store_address_alive(self, address: str) -> bool:
