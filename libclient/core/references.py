@@ -5,7 +5,7 @@ Theory of operation
 *Ownership.* The process that creates an ObjectRef (by ``put`` or by
 submitting a task) owns it. Each owned object has an :class:`Entry` here:
 PENDING until its task replies, then READY with the value inline (``wire``,
-small values) or as a pinned, zero-copy view of the node's shared-memory
+small values) or as a hold on it in the node's shared-memory
 store (``buf``).
 
 *Escape.* An ObjectRef that leaves the process inside another value (a
@@ -73,7 +73,7 @@ class Entry:
     def __init__(self) -> None:
         self.state = PENDING
         self.wire: list[Any] | None = None  # [kind, meta, [bufs]] when inline
-        self.buf: Any = None  # pinned pyarrow Buffer when in stored
+        self.buf: Any = None  # StoredObject (our hold in stored) when in stored
         self.loc = ""  # another node's store that holds it (a remote task's big return)
         self.loc_size = 0  # its size there, for lease locality
         self.escaped = False
