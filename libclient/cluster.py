@@ -75,6 +75,7 @@ class EmbeddedCluster:
         self.gcs_address: str = info["gcs_address"]
         self.node_id: str = info.get("node_id", "")
         self.pids: list[int] = info["pids"]
+        self.daemon_pids: dict[str, int] = info.get("daemons", {})  # "raylet" -> pid
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -191,7 +192,8 @@ def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
         raylet = _start("raylet", raylet_args, logdir, procs)
         info = {"session_dir": session, "raylet_socket": raylet_sock,
                 "gcs_address": gcs_address, "node_id": raylet.get("node_id", ""),
-                "pids": [p.pid for p in procs]}
+                "pids": [p.pid for p in procs],
+                "daemons": {p.args[2].split(".")[1]: p.pid for p in procs}}
     except Exception as exc:
         _stop_all(procs)
         shutil.rmtree(session, ignore_errors=True)

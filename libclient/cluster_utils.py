@@ -44,6 +44,11 @@ class Node:
         """The node's daemons (gcsd on the head, stored, raylet)."""
         return list(self._launcher.pids)
 
+    def daemon_pid(self, name: str) -> int:
+        """The pid of this node's ``gcsd``, ``stored`` or ``raylet`` as started
+        (fault tests kill one by pid)."""
+        return self._launcher.daemon_pids[name]
+
     def all_processes(self) -> list[psutil.Process]:
         """Launcher, daemons and workers: everything that would die with the host."""
         try:
@@ -80,10 +85,16 @@ class Cluster:
             ``resources``, ``object_store_memory``; Shoal also takes
             ``node_timeout_s``, how long gcsd waits before declaring a silent
             node dead, default 10).
+        gcs_address: Shoal only: a gcsd deployment that is already running
+            (one member's ``tcp://`` address, or several comma-separated).
+            Every node joins it and the head starts no gcsd of its own, so a
+            test can run gcsd as a chain, or kill and restart it.
     """
 
     def __init__(self, initialize_head: bool = False, connect: bool = False,
-                 head_node_args: dict[str, Any] | None = None, **_ignored: Any) -> None:
+                 head_node_args: dict[str, Any] | None = None,
+                 gcs_address: str | None = None, **_ignored: Any) -> None:
+        self.external_gcs = gcs_address
         self.head_node: Node | None = None
         self.worker_nodes: set[Node] = set()
         self.connected = False
@@ -99,7 +110,8 @@ class Cluster:
         """The gcsd address (``host:port``) that ``init(address=...)`` takes."""
         if self.head_node is None:
             raise RuntimeError("the cluster has no head node yet")
-        return _strip_scheme(self.head_node.address)
+        # init() takes one member; the client learns the others from it.
+        return _strip_scheme(self.head_node.address.split(",")[0].strip())
 
     @property
     def gcs_address(self) -> str:
@@ -117,7 +129,8 @@ class Cluster:
             num_cpus=args.get("num_cpus"), num_gpus=args.get("num_gpus"),
             resources=args.get("resources"),
             object_store_memory=args.get("object_store_memory"),
-            gcs_address=None if head else self.head_node.address,  # type: ignore[union-attr]
+            gcs_address=self.external_gcs or (
+                None if head else self.head_node.address),  # type: ignore[union-attr]
             head=head, node_ip=args.get("node_ip_address") or "127.0.0.1",
             node_timeout_s=args.get("node_timeout_s") if head else None)
         node = Node(launcher, head, args)

@@ -40,7 +40,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from libclient.exceptions import GetTimeoutError, ObjectLostError, ObjectStoreFullError
+from libclient.exceptions import (
+    GetTimeoutError,
+    ObjectLostError,
+    ObjectStoreFullError,
+    RaySystemError,
+)
 from libclient.protocol import Connection, ProtocolError, pack_many
 
 # Same bound as stored's messages.MAX_OIDS: longer release batches are split.
@@ -140,6 +145,12 @@ def _map_arena(fd: int, size: int) -> tuple[mmap.mmap, int]:
         return found
 
 
+class StoreLostError(RaySystemError, ConnectionError):
+    """The connection to this node's stored broke: it died or was restarted,
+    and every object it held is gone. (A ConnectionError too, for callers
+    that already handle a closed store.)"""
+
+
 class StoreClient:
     """A connection to stored. Thread-safe: one lock serialises requests.
 
@@ -166,6 +177,8 @@ class StoreClient:
         self._hot_bytes = 0
         self._hot_lock = threading.Lock()
         self._closed = False
+        self._lost = False  # the connection broke under us: stored died or restarted
+        self.socket_path = socket_path
         self._pid = os.getpid()
         self._conn = Connection.connect_unix(socket_path, timeout=connect_timeout)
         try:
@@ -439,9 +452,16 @@ class StoreClient:
             frames.append({"t": kind, "oids": oids})
         return frames
 
+    def _lost_message(self) -> str:
+        return (f"lost the connection to this node's object store (stored at "
+                f"{self.socket_path}): it died or was restarted, and the objects it "
+                f"held are gone")
+
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
             if self._closed:
+                if self._lost:
+                    raise StoreLostError(self._lost_message())
                 raise ConnectionError("store client is closed")
             if os.getpid() != self._pid:
                 raise RuntimeError("a StoreClient cannot be used across fork; connect anew")
@@ -452,11 +472,14 @@ class StoreClient:
             try:
                 self._conn.sock.sendall(pack_many(frames))
                 reply = self._conn.recv()
-            except BaseException:
+            except BaseException as exc:
                 # Half a request or reply (EOF, Ctrl-C): the stream is in an
                 # unknown state and no later request could trust it.
                 self._closed = True
                 self._conn.close()
+                if isinstance(exc, OSError):  # ConnectionError too: stored is gone
+                    self._lost = True
+                    raise StoreLostError(self._lost_message()) from exc
                 raise
             if reply.get("r") != rid:
                 self._closed = True

@@ -16,6 +16,8 @@ import json
 import os
 import socket
 import sys
+import time
+from typing import Any
 
 from daemons import sdnotify, shell
 from daemons.raylet.detect import detect
@@ -87,10 +89,19 @@ def main(argv: list[str] | None = None) -> None:
     tcp_listen.setblocking(False)
     from libclient.gcs_client import GcsClient
 
+    try:
+        store_watch, store_address = _watch_store(store_socket,
+                                                  conf["gcs"]["connect_timeout_s"])
+    except OSError as exc:
+        listen.close()
+        tcp_listen.close()
+        os.unlink(socket_path)
+        shell.fail(log, f"stored is not serving at {store_socket}: {exc}")
+        return
     gcs = GcsClient(conf.gcs_address, timeout=conf["gcs"]["connect_timeout_s"])
     info = {"node_id": node_id, "address": host,
             "raylet_address": f"{host}:{tcp_listen.getsockname()[1]}",
-            "store_address": _store_transfer_address(store_socket),
+            "store_address": store_address,
             "head": bool(rconf["head"]),
             "raylet_socket": socket_path, "store_socket": store_socket,
             "resources": resources, "gpus": gpus, "pid": os.getpid(),
@@ -100,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         listen.close()
         tcp_listen.close()
+        store_watch.close()
         os.unlink(socket_path)
         shell.fail(log, f"cannot register with gcsd at {conf.gcs_address}: {exc}")
         return
@@ -114,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                     store_socket=store_socket, gcs=gcs,
                     gcs_address=conf.gcs_address, log=log,
                     max_workers=rconf["max_workers"] or max(8, 4 * ncpu + 4),
-                    wake_fd=stop.wake_fd_r)
+                    wake_fd=stop.wake_fd_r, store_watch=store_watch.sock)
     raylet.start_workers()
     log.info("raylet_started", socket=socket_path, address=info["raylet_address"],
              resources=resources, gpus=len(gpus),
@@ -136,19 +148,37 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as exc:
             log.warning("unregister_failed", error=str(exc))
         gcs.close()
-        log.info("raylet_stopped")
-    sys.exit(0)
+        log.info("raylet_stopped", status=raylet.exit_status)
+    sys.exit(raylet.exit_status)
 
 
-def _store_transfer_address(store_socket: str) -> str:
-    """Where other nodes pull this node's objects from (stored's TCP address)."""
-    from libclient.store_client import StoreClient
+def _watch_store(store_socket: str, timeout: float) -> tuple[Any, str]:
+    """Connect to stored, waiting up to ``timeout`` s for it (a supervisor may
+    be starting it beside us); return the connection, kept open so the raylet
+    sees stored die, and where other nodes pull our objects from.
 
-    try:
-        with StoreClient(store_socket, name="raylet") as store:
-            return str(store._call({"t": "health"}).get("transfer_address") or "")
-    except Exception:
-        return ""
+    Raises:
+        OSError: stored did not answer in time.
+    """
+    from libclient.protocol import Connection
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = Connection.connect_unix(store_socket, timeout=2.0)
+            try:
+                conn.sock.settimeout(max(0.5, deadline - time.monotonic()))
+                conn.send({"t": "health", "r": 1})
+                reply = conn.recv()
+                conn.sock.settimeout(None)
+            except BaseException:
+                conn.close()
+                raise
+            return conn, str(reply.get("transfer_address") or "")
+        except (OSError, ConnectionError) as exc:
+            if time.monotonic() >= deadline:
+                raise OSError(str(exc)) from None
+            time.sleep(0.1)
 
 
 if __name__ == "__main__":
