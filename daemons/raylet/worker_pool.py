@@ -23,11 +23,20 @@ IDLE = "IDLE"
 LEASED = "LEASED"
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGKILL us
-    # when the raylet dies, so no worker outlives its node daemon.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _die_with(parent: int) -> Any:
+    """A preexec_fn for workers of the process ``parent`` (the raylet)."""
+
+    def _die_with_parent() -> None:
+        # Runs in the child between fork and exec: ask the kernel to SIGKILL
+        # us when the raylet dies, so no worker outlives its node daemon. If
+        # the raylet died before the prctl took effect we were already
+        # reparented, and the signal will never come: leave now.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return _die_with_parent
 
 
 @dataclass
@@ -68,7 +77,7 @@ class WorkerPool:
         try:
             if tcp is not None:
                 argv += ["--tcp-fd", str(tcp.fileno())]
-            proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with_parent,
+            proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with(os.getpid()),
                                     stdin=subprocess.DEVNULL, close_fds=True,
                                     pass_fds=(tcp.fileno(),) if tcp is not None else ())
         finally:

@@ -105,6 +105,7 @@ class CoreWorker:
         self._tasks = TaskManager()
         self._io = IoLoop(self._lock, conn, {"t": "hello", "kind": "remote", "pid": self.pid,
                                              "r": 0, "worker_id": self.worker_id})
+        self._io.exit_on_raylet_loss = kind == "worker"
         self._submitter = TaskSubmitter(self._io, self._refs, self._tasks, self._finish_error,
                                         self.gcs)
         self._actors = ActorSubmitter(self._io, self._refs, self._tasks, self.gcs, self.node_id,

@@ -81,6 +81,10 @@ class IoLoop:
         self.raylet_out = bytearray()
         self.raylet_ids = raylet._next_id  # request ids on the raylet stream
         self.raylet_lost = False
+        # A worker has no use without its raylet (which leased it out and
+        # accounts for it): it exits when that connection closes, even if
+        # the kernel's parent-death signal did not reach it.
+        self.exit_on_raylet_loss = False
         self.closed = False
         raylet.sock.setblocking(False)
         self.sel = selectors.DefaultSelector()
@@ -323,6 +327,8 @@ class IoLoop:
         """Stop watching the raylet's socket; remember it is gone."""
         self.unregister(self.raylet.sock)
         self.raylet_lost = True
+        if self.exit_on_raylet_loss and not self.closed:
+            os._exit(1)
 
     def read_directly(self, conn: Conn, timeout: float, read: Callable[[Any], None]) -> bool:
         """Wait for ``conn`` to be readable in this thread, then ``read(conn)``.
