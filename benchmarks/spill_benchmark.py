@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,10 +36,11 @@ def run(backend: str, store_mib: int, total_mib: int, object_mib: float) -> dict
     store = store_mib << 20
     size = int(object_mib * (1 << 20))
     n = int(total_mib * (1 << 20) // size)
-    spill_dir = tempfile.mkdtemp(prefix=f"spill-bench-{backend}-", dir="/tmp")
+    spill_dir = ""
     if backend == "ray":
         import ray
 
+        spill_dir = tempfile.mkdtemp(prefix="spill-bench-ray-", dir="/tmp")
         ray.init(num_cpus=1, object_store_memory=store, include_dashboard=False,
                  _system_config={"object_spilling_config": json.dumps(
                      {"type": "filesystem", "params": {"directory_path": spill_dir}})})
@@ -67,6 +69,8 @@ def run(backend: str, store_mib: int, total_mib: int, object_mib: float) -> dict
            "put_s": round(put_s, 3), "get_s": round(get_s, 3)}
     del refs
     ray.shutdown()
+    if spill_dir:
+        shutil.rmtree(spill_dir, ignore_errors=True)
     return out
 
 
