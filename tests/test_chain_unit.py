@@ -219,6 +219,38 @@ def test_middle_failure_predecessor_resends_what_successor_lacks():
     assert resend == [Resend(2, 2, 1, 3, 0)]
 
 
+def test_a_new_tail_asks_for_the_commit_point_until_it_arrives():
+    # A fresh chain with nothing written yet: the tail may serve reads only
+    # once its predecessor has told it the commit point. If the one Forward
+    # that carries it is lost, the tail's periodic Ack asks for it again.
+    reps = tuple(ChainReplica(0, m, resend_ticks=4) for m in range(3))
+    for r in reps:
+        r.step(Config(0, 1, (0, 1, 2)))
+    tail = reps[2]
+    assert not tail.readable
+    first = tail.ready()
+    tail.advance(first)
+    (ack,) = [m.msg for m in first.messages if isinstance(m, Send)]
+    assert ack.need_floor and decode_chain(encode_chain(ack)).need_floor
+    reps[1].step(ack)
+    lost = reps[1].ready()
+    reps[1].advance(lost)
+    assert [m for m in lost.messages if isinstance(m, Resend) and m.dest == 2]  # dropped
+    for _ in range(4):
+        tail.tick()
+    rd = tail.ready()
+    tail.advance(rd)
+    again = [m.msg for m in rd.messages if isinstance(m, Send)]
+    assert again and again[0].need_floor
+    reps[1].step(again[0])
+    resend = [m for m in reps[1].ready().messages if isinstance(m, Resend) and m.dest == 2]
+    assert resend
+    tail.step(Forward(0, 1, 1, (), resend[0].committed))
+    assert tail.readable
+    rd = tail.ready()
+    assert not any(isinstance(m, Send) and m.msg.need_floor for m in rd.messages)
+
+
 def test_messages_from_another_epoch_change_nothing():
     # §3 (and Shoal's fencing): stale chain messages are dropped.
     h, m, t = chain3(epoch=5)

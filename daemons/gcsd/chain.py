@@ -157,6 +157,10 @@ class Ack:
     src: int
     applied: int
     committed: int
+    # A newly appended tail that has not yet heard its predecessor's commit
+    # point (so it may not serve reads) asks for it on every Ack until it
+    # does: the one Forward that carries it may be lost.
+    need_floor: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,7 +500,8 @@ class ChainReplica:
         """Return what the shell must do now (see the ordering contract on Ready)."""
         if self._ack_due and self.pred is not None:
             self._out.messages.append(Send(self.pred, Ack(self.shard, self.epoch, self.me,
-                                                          self.applied, self.committed)))
+                                                          self.applied, self.committed,
+                                                          not self._floor_known)))
         self._ack_due = False
         out = self._out
         return Ready(tuple(out.persist), tuple(out.messages), tuple(out.committed),
@@ -591,7 +596,7 @@ class ChainReplica:
             return
         if msg.applied > self._succ_applied:
             self._succ_seen_tick = self._ticks
-        if self._succ_applied < 0 or msg.applied < self._succ_applied:
+        if self._succ_applied < 0 or msg.applied < self._succ_applied or msg.need_floor:
             # A successor new to us (or one that lost state) says where it
             # is: resend the rest (§3: "the predecessor resends Sent").
             # Sent even when empty: it carries our commit point, which a

@@ -144,7 +144,10 @@ def encode_chain(msg: Forward | Ack | SyncRequest | CatchUp) -> dict[str, Any]:
         return {**base, "k": "fwd", "entries": [entry_blob(e) for e in msg.entries],
                 "c": msg.committed}
     if isinstance(msg, Ack):
-        return {**base, "k": "ack", "a": msg.applied, "c": msg.committed}
+        ack = {**base, "k": "ack", "a": msg.applied, "c": msg.committed}
+        if msg.need_floor:
+            ack["nf"] = True
+        return ack
     if isinstance(msg, SyncRequest):
         return {**base, "k": "sync", "a": msg.applied, "le": msg.last_epoch}
     return {**base, "k": "catch", "entries": [entry_blob(e) for e in msg.entries],
@@ -166,7 +169,7 @@ def decode_chain(msg: dict[str, Any]) -> ChainMessage:
     if kind == "fwd":
         return Forward(shard, epoch, src, _entries(msg), _int(msg, "c"))
     if kind == "ack":
-        return Ack(shard, epoch, src, _int(msg, "a"), _int(msg, "c"))
+        return Ack(shard, epoch, src, _int(msg, "a"), _int(msg, "c"), msg.get("nf") is True)
     if kind == "sync":
         return SyncRequest(shard, epoch, src, _int(msg, "a"), _int(msg, "le"))
     if kind == "catch":
