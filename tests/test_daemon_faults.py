@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 import cloudpickle
@@ -107,6 +108,48 @@ def test_killed_raylet_takes_its_workers_and_fails_its_driver_fast():
         c.shutdown()
 
 
+def test_tasks_leased_from_a_killed_raylet_run_again_on_another_node(tmp_path):
+    import libclient as ray
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_timeout_s": 2.0})
+    try:
+        victim = c.add_node(num_cpus=2)
+        c.add_node(num_cpus=2)
+        c.wait_for_nodes()
+        c.connect()
+        marks = tmp_path / "started"
+        marks.mkdir()
+
+        @ray.remote(max_retries=3)
+        def work(i, marks):
+            node = ray.get_runtime_context().get_node_id()
+            with open(os.path.join(marks, f"{i}-{node}-{os.getpid()}"), "w"):
+                pass
+            time.sleep(1.5)
+            return node
+
+        refs = [work.remote(i, str(marks)) for i in range(5)]
+        on_victim = _wait(lambda: [m for m in os.listdir(marks) if victim.node_id in m],
+                          timeout=20, what="a task to start on the victim node")
+        raylet = victim.daemon_pid("raylet")
+        workers = _workers_of(raylet)
+        start = time.monotonic()
+        os.kill(raylet, signal.SIGKILL)
+        nodes = ray.get(refs, timeout=25)
+        took = time.monotonic() - start
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive
+        hit = {int(m.split("-")[0]) for m in on_victim}
+        # The tasks that were running there ran again, on a node that lives.
+        for i in hit:
+            assert nodes[i] != victim.node_id
+            assert len([m for m in os.listdir(marks) if m.startswith(f"{i}-")]) >= 2
+        print(f"\nraylet of a worker node killed with {len(hit)} of its tasks running: all "
+              f"5 tasks done {took * 1000:.0f} ms later")
+    finally:
+        c.shutdown()
+
+
 # ------------------------------------------------------------------ stored
 def test_killed_stored_takes_its_node_down_with_clear_errors():
     import numpy as np
@@ -144,3 +187,111 @@ def test_killed_stored_takes_its_node_down_with_clear_errors():
         assert seen < 10
     finally:
         c.shutdown()
+
+
+# ------------------------------------------------------------------ gcsd
+class _Traffic:
+    """A driver thread running tasks and actor calls back to back, timing the
+    longest wait for one and keeping every error."""
+
+    def __init__(self, fn, actor) -> None:
+        self.fn, self.actor = fn, actor
+        self.longest = 0.0
+        self.calls = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import libclient as ray
+
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            start = time.monotonic()
+            try:
+                assert ray.get(self.fn.remote(i), timeout=30) == i + 1
+                assert ray.get(self.actor.add.remote(1), timeout=30) == i
+            except Exception as exc:
+                self.errors.append(repr(exc))
+            self.longest = max(self.longest, time.monotonic() - start)
+            self.calls += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(40)
+
+
+def _counter_and_inc():
+    import libclient as ray
+
+    @ray.remote
+    def inc(x):
+        return x + 1
+
+    @ray.remote
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def add(self, k):
+            self.n += k
+            return self.n
+
+    return inc, Counter
+
+
+def test_tasks_and_actor_calls_ride_through_a_killed_gcsd_member(tmp_path):
+    from test_chain_faults import Cluster as GcsChain
+
+    import libclient as ray
+
+    chain = GcsChain(tmp_path)
+    c = traffic = None
+    try:
+        for name in ("master", "m0", "m1", "m2"):
+            chain.start(name)
+        chain.wait_full()
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2},
+                    gcs_address=",".join(chain.members))
+        c.connect()
+        inc, Counter = _counter_and_inc()
+        counter = Counter.remote()
+        assert ray.get(counter.add.remote(0), timeout=20) == 0
+        traffic = _Traffic(inc, counter)
+        time.sleep(1.0)
+        quiet = traffic.longest
+        traffic.longest = 0.0
+        writes = []
+        for victim in ("m0", "m1"):  # m0 heads shards 0 and 3, m1 is a middle and a tail
+            chain.kill(victim)
+            t0 = time.monotonic()  # a new function and actor: writes to gcsd
+            f, Cls = _counter_and_inc()
+            assert ray.get(f.remote(1), timeout=20) == 2
+            assert ray.get(Cls.remote().add.remote(3), timeout=20) == 3
+            writes.append(time.monotonic() - t0)
+            time.sleep(1.0)
+            chain.start(victim)  # back on its data directory; it rejoins as a tail
+            chain.wait_full()
+            time.sleep(0.5)
+        traffic.stop()
+        assert traffic.errors == []
+        assert traffic.calls > 10
+        # New functions and actors (gcsd writes) work on the healed chains.
+        inc2, Counter2 = _counter_and_inc()
+        assert ray.get(inc2.remote(41), timeout=20) == 42
+        assert ray.get(Counter2.remote().add.remote(2), timeout=20) == 2
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 1
+        print(f"\ngcsd members killed twice: {traffic.calls} task+actor rounds, longest "
+              f"{traffic.longest * 1000:.0f} ms (quiet: {quiet * 1000:.0f} ms); a new "
+              f"function + actor right after each kill: "
+              f"{', '.join(f'{w * 1000:.0f}' for w in writes)} ms")
+        assert traffic.longest < 5.0
+    finally:
+        if traffic is not None:
+            traffic.stop()  # before shutdown: a call after it would start a new cluster
+        if c is not None:
+            c.shutdown()
+        chain.stop()

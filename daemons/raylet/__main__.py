@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         os.unlink(socket_path)
         shell.fail(log, f"stored is not serving at {store_socket}: {exc}")
         return
-    gcs = GcsClient(conf.gcs_address, timeout=conf["gcs"]["connect_timeout_s"])
+    # Every member, for us and (through hello) for our drivers and workers:
+    # a process that starts while the first member is down still finds gcsd.
+    gcs_members = ",".join(conf["gcs"]["members"])
+    gcs = GcsClient(gcs_members, timeout=conf["gcs"]["connect_timeout_s"])
     info = {"node_id": node_id, "address": host,
             "raylet_address": f"{host}:{tcp_listen.getsockname()[1]}",
             "store_address": store_address,
@@ -124,13 +127,13 @@ def main(argv: list[str] | None = None) -> None:
                     node_id=node_id,
                     resources=resources, gpus=gpus, pool=pool,
                     store_socket=store_socket, gcs=gcs,
-                    gcs_address=conf.gcs_address, log=log,
+                    gcs_address=gcs_members, log=log,
                     max_workers=rconf["max_workers"] or max(8, 4 * ncpu + 4),
                     wake_fd=stop.wake_fd_r, store_watch=store_watch.sock)
     raylet.start_workers()
     log.info("raylet_started", socket=socket_path, address=info["raylet_address"],
              resources=resources, gpus=len(gpus),
-             gcs_address=conf.gcs_address, config=conf.path)
+             gcs_address=gcs_members, config=conf.path)
     shell.notify_ready(ns.ready_fd, json.dumps({"socket": socket_path,
                                                  "node_id": node_id.hex()}))
     # The loop stamps raylet.last_loop on every turn (at least every 0.1 s).
