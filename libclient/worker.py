@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from libclient import api, logs, serialization, spin
+from libclient import api, logs, security, serialization, spin
 from libclient.core import CoreWorker, error_wire_from
 from libclient.exceptions import ObjectLostError, RaySystemError, TaskCancelledError
 from libclient.object_ref import ObjectRef
@@ -55,6 +55,17 @@ class TaskRunner:
         self.actor: Any = None  # an ActorHost once this worker hosts an actor
         self.log: Any = logs.configure("worker", core.node_id.hex())
         signal.signal(signal.SIGINT, self._on_sigint)
+        core.tell_submitter = self._tell_blocked
+
+    def _tell_blocked(self, blocked: bool) -> None:
+        """Our task waits in get (or stopped waiting): tell the lease holder, so it
+        queues nothing behind a task that may be waiting for exactly that."""
+        conn = self.conn
+        if conn is not None and self.actor is None:
+            try:
+                conn.sendall(pack({"t": "blk", "on": blocked}))
+            except OSError:
+                pass  # the holder is gone; the serve loop notices
 
     def _on_sigint(self, _signum: int, _frame: Any) -> None:
         # The holder writes a cancel message before it signals, so the socket
@@ -367,7 +378,11 @@ def main(argv: list[str] | None = None) -> None:
     tcp = [socket.socket(fileno=ns.tcp_fd)] if ns.tcp_fd is not None else []
     try:
         while runner.actor is None or runner.actor.instance is None:
-            conn = _accept_one([listen, *tcp])
+            try:
+                conn = _accept_one([listen, *tcp])
+            except security.AuthError as exc:
+                runner.log.warning("auth_failed", error=str(exc))
+                continue
             runner.serve(conn)
         runner.actor.serve(listen, *tcp)
     except KeyboardInterrupt:
@@ -394,6 +409,7 @@ def _accept_one(listeners: list[socket.socket]) -> socket.socket:
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
     if conn.family != socket.AF_UNIX:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = security.accept_tls(conn)  # AuthError: the caller logs it and accepts again
     return conn
 
 

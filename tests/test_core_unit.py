@@ -365,3 +365,41 @@ def test_a_lost_object_becomes_pending_again():
     entry = t.lost(oid)
     assert entry.state == PENDING and entry.loc == "" and entry.buf is None
     assert t.lost(os.urandom(20)) is None
+
+
+# ------------------------------------------------------------ pipelining
+def _lease():
+    from libclient.core.task_submitter import Lease
+
+    return Lease(1, b"w", 1, None, ("task",), [])
+
+
+def _fn_task(fn):
+    t = _task()
+    t.msg["fn"] = fn
+    return t
+
+
+def test_tasks_queue_behind_a_running_one_only_if_it_is_known_to_be_short():
+    from libclient.core.task_submitter import SchedulingClass
+
+    cls = SchedulingClass(("task",), {"CPU": 1})
+    lease = _lease()
+    short, tiny, long_ = _fn_task(b"short"), _fn_task(b"tiny"), _fn_task(b"long")
+    assert cls.room(lease, short)  # an idle worker takes anything
+    lease.inflight[b"1"] = long_
+    lease.slowest = float("inf")  # nothing known about its function yet
+    assert not cls.room(lease, short)
+    cls.fn_time.update({b"short": 0.01, b"tiny": 0.0001, b"long": 1.0})
+    lease.slowest = 1.0
+    assert not cls.room(lease, short)  # never behind a long task
+    lease.slowest = 0.01
+    assert cls.room(lease, short)  # one behind a 10 ms task hides the round trip
+    lease.inflight[b"2"] = short
+    assert not cls.room(lease, short)
+    lease.inflight.clear()
+    lease.inflight.update({bytes([i]): tiny for i in range(10)})
+    lease.slowest = 0.0001
+    assert cls.room(lease, tiny)  # 2 ms worth of 0.1 ms tasks
+    lease.blocked = True
+    assert not cls.room(lease, tiny)  # its task waits in get: maybe for this one

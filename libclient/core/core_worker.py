@@ -77,6 +77,9 @@ class CoreWorker:
         self.current_actor_id: bytes | None = None
         self.job_id = job_id
         self._blocked_depth = 0
+        # Set by the task runner: tells whoever leased us that our task waits,
+        # so it stops queueing more tasks behind it (they might be what it waits for).
+        self.tell_submitter: Any = None
         self._last_flush = time.monotonic()
 
         conn = Connection.connect_unix(raylet_socket)
@@ -456,10 +459,14 @@ class CoreWorker:
                 self._blocked_depth += 1
                 if self._blocked_depth == 1:
                     self._io.raylet_send({"t": "blocked"})
+                    if self.tell_submitter is not None:
+                        self.tell_submitter(True)
             else:
                 self._blocked_depth -= 1
                 if self._blocked_depth == 0:
                     self._io.raylet_send({"t": "unblocked"})
+                    if self.tell_submitter is not None:
+                        self.tell_submitter(False)
 
     # ------------------------------------------------------------------ wait
     def wait(self, refs: list[ObjectRef], num_returns: int, timeout: float | None,
@@ -778,6 +785,11 @@ class CoreWorker:
         if msgs is None:
             return
         for msg in msgs:
+            if msg.get("t") == "blk" and isinstance(conn, Lease):
+                conn.blocked = bool(msg.get("on"))
+                if not conn.blocked:
+                    self._submitter.task_done_on(conn)
+                continue
             self._on_task_reply(conn, msg)
         if not conn.inflight:
             if isinstance(conn, Lease):
@@ -796,7 +808,7 @@ class CoreWorker:
         if task is None:
             return
         if isinstance(conn, Lease):
-            self._submitter.record_duration(conn, msg.get("dur"))
+            self._submitter.record_duration(conn, task, msg.get("dur"))
         status = msg.get("err", 0)
         if status and "lost" in msg and self._retry_after_rebuild(task, msg["lost"]):
             return

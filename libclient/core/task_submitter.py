@@ -54,15 +54,20 @@ from libclient.protocol import pack
 LEASE_IDLE_S = 0.005
 MAX_LEASE_REQUESTS = 16
 TARGET_PIPELINE_S = 0.002
+# Tasks this short still get a second one queued behind them, so the worker
+# never waits a round trip for its next task; a longer one runs alone.
+PIPELINE_TWO_S = 0.05
 MAX_DEPTH = 16
 CANCEL_RESEND_S = 0.2
 _LOCALITY_MIN_BYTES = 1 << 20
+_UNKNOWN = float("inf")  # expected run time of a function not seen yet
 
 
 class Lease(Conn):
     """A worker leased from a raylet, and the connection straight to it."""
 
-    __slots__ = ("lease_id", "worker_id", "pid", "key", "gpus", "idle_since", "raylet")
+    __slots__ = ("lease_id", "worker_id", "pid", "key", "gpus", "idle_since", "raylet",
+                 "blocked", "slowest")
 
     def __init__(self, lease_id: int, worker_id: bytes, pid: int, sock: socket.socket,
                  key: tuple, gpus: list[int], raylet: RemoteRaylet | None = None) -> None:
@@ -74,12 +79,14 @@ class Lease(Conn):
         self.key = key
         self.gpus = gpus
         self.idle_since = time.monotonic()
+        self.blocked = False  # its running task waits in get: queue nothing behind it
+        self.slowest = 0.0  # longest expected run among tasks pushed since it was idle
 
 
 class SchedulingClass:
     """Tasks of one resource demand, and the leases that serve them."""
 
-    __slots__ = ("key", "demand", "queue", "leases", "requests", "task_time", "strategy")
+    __slots__ = ("key", "demand", "queue", "leases", "requests", "fn_time", "strategy")
 
     def __init__(self, key: tuple, demand: dict, strategy: Any = None) -> None:
         self.key = key
@@ -88,12 +95,30 @@ class SchedulingClass:
         self.queue: collections.deque[Task] = collections.deque()
         self.leases: list[Lease] = []
         self.requests: set[int] = set()  # raylet request ids of lease requests in flight
-        self.task_time = 0.01  # EWMA of execution seconds; starts pessimistic
+        self.fn_time: dict[bytes, float] = {}  # function -> EWMA of execution seconds
 
-    def depth(self) -> int:
-        # Pipeline several tasks per worker only when tasks are short, so a
-        # long task never hides more than ~2 ms of others behind it.
-        return max(1, min(MAX_DEPTH, int(TARGET_PIPELINE_S / max(self.task_time, 1e-6))))
+    def room(self, lease: Lease, task: Task) -> bool:
+        """May ``task`` be queued on ``lease`` now?
+
+        An idle worker always takes it. Behind running tasks only if every
+        one of them is of a function known to be short, so a task never
+        waits behind a long or unknown one: up to 50 ms tasks get one queued
+        behind (hiding the reply's round trip), and tasks of ~2 ms or less
+        as many as fill 2 ms. Never behind a task that waits in ``get``: it
+        may wait for exactly the task we would queue.
+        """
+        n = len(lease.inflight)
+        if n == 0:
+            return True
+        if lease.blocked or n >= MAX_DEPTH:
+            return False
+        slowest = lease.slowest
+        if slowest > PIPELINE_TWO_S:
+            return False
+        own = self.fn_time.get(task.msg.get("fn", b""))
+        if own is None:
+            return n < 2
+        return n < max(2, int(TARGET_PIPELINE_S / max(slowest, own, 1e-6)))
 
 
 class TaskSubmitter:
@@ -138,6 +163,12 @@ class TaskSubmitter:
         cls.queue.appendleft(task)
         self.pump(cls)
 
+    def task_done_on(self, lease: Lease) -> None:
+        """A lease's task stopped waiting: it may take queued tasks again."""
+        cls = self.classes.get(lease.key)
+        if cls is not None:
+            self.pump(cls)
+
     def task_done(self, task: Task) -> None:
         """A task that ran on a lease ended: its slot may take the next one."""
         cls = self.classes.get(task.key)
@@ -146,18 +177,21 @@ class TaskSubmitter:
 
     def pump(self, cls: SchedulingClass) -> None:
         """Push queued tasks to leased workers; ask for more leases if needed."""
-        depth = cls.depth()
         while cls.queue:
+            task = cls.queue[0]
+            if task.cancelled:
+                cls.queue.popleft()
+                continue
             best = None
             for lease in cls.leases:
-                if not lease.dead and len(lease.inflight) < depth and (
-                        best is None or len(lease.inflight) < len(best.inflight)):
+                if not lease.dead and (best is None or len(lease.inflight) < len(best.inflight)) \
+                        and cls.room(lease, task):
                     best = lease
             if best is None:
                 break
-            task = cls.queue.popleft()
-            if task.cancelled:
-                continue
+            cls.queue.popleft()
+            expected = cls.fn_time.get(task.msg.get("fn", b""), _UNKNOWN)
+            best.slowest = max(best.slowest, expected) if best.inflight else expected
             self._push(best, task)
         want = min(len(cls.queue), MAX_LEASE_REQUESTS) - len(cls.requests)
         for _ in range(want):
@@ -282,11 +316,13 @@ class TaskSubmitter:
                     cls.requests.discard(rid)
                     self.pump(cls)
 
-    def record_duration(self, lease: Lease, dur: object) -> None:
-        """Feed a reply's execution time into its class's pipelining estimate."""
+    def record_duration(self, lease: Lease, task: Task, dur: object) -> None:
+        """Feed a reply's execution time into its function's pipelining estimate."""
         cls = self.classes.get(lease.key)
         if cls is not None and isinstance(dur, float):
-            cls.task_time = 0.8 * cls.task_time + 0.2 * dur
+            fn = task.msg.get("fn", b"")
+            old = cls.fn_time.get(fn)
+            cls.fn_time[fn] = dur if old is None else 0.8 * old + 0.2 * dur
 
     def lease_failed(self, lease: Lease, why: str) -> None:
         """The leased worker's socket closed: retry or fail what it was running."""
