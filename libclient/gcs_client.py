@@ -55,6 +55,11 @@ ATTEMPT_TIMEOUT_S = 0.25
 CONFIG_TIMEOUT_S = 0.25
 # While a member is silent, how often to look for the chain that replaces it.
 CONFIG_POLL_S = 0.03
+# How long a one-way send may wait for the client (another thread's call,
+# normally a millisecond or two) and for a layout: it is best-effort, and
+# its callers are I/O loops.
+ONEWAY_LOCK_S = 0.01
+ONEWAY_LAYOUT_S = 0.25
 _ANY_METHODS = frozenset({"ping", "info", "config"})
 
 
@@ -448,10 +453,17 @@ class GcsClient:
         """Send a request that gets no reply (gcsd only logs it if it is bad).
 
         Raises:
-            GcsUnavailableError: the layout could not be read, or a send queue is full.
+            GcsUnavailableError: the layout could not be read, a send queue is
+                full, or another thread's call has held the client for
+                ``ONEWAY_LOCK_S`` (it is waiting out a gcsd outage, say).
         """
-        with self._lock:
-            deadline = time.monotonic() + self.timeout
+        # One-way sends are best-effort and go out from I/O loops (task
+        # events, heartbeats): never park such a loop behind a call that is
+        # retrying for seconds while gcsd is down.
+        if not self._lock.acquire(timeout=ONEWAY_LOCK_S):
+            raise GcsUnavailableError("gcsd client busy: another call is waiting for gcsd")
+        try:
+            deadline = time.monotonic() + min(self.timeout, ONEWAY_LAYOUT_S)
             parts = self._plan(method, fields, deadline)
             if self._layout is None:
                 raise GcsUnavailableError(f"no gcsd member at {self.address} answered")
@@ -459,6 +471,8 @@ class GcsClient:
                 address, extra = self._target(part)
                 if not self._send(address, {**part.fields, **extra, "t": method}):
                     raise GcsUnavailableError(f"gcsd at {address} is not accepting messages")
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
         """Close the sockets (idempotent). The shared context stays up."""

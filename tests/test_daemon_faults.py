@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -198,6 +199,7 @@ class _Traffic:
         self.fn, self.actor = fn, actor
         self.longest = 0.0
         self.calls = 0
+        self.done_at: list[float] = []  # when each round ended
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -215,8 +217,15 @@ class _Traffic:
                 assert ray.get(self.actor.add.remote(1), timeout=30) == i
             except Exception as exc:
                 self.errors.append(repr(exc))
-            self.longest = max(self.longest, time.monotonic() - start)
+            end = time.monotonic()
+            self.longest = max(self.longest, end - start)
+            self.done_at.append(end)
             self.calls += 1
+
+    def longest_gap(self, since: float, until: float) -> float:
+        """The longest time in [since, until] without a round ending."""
+        marks = [since, *(t for t in self.done_at if since < t < until), until]
+        return max(b - a for a, b in zip(marks, marks[1:], strict=False))
 
     def stop(self) -> None:
         self._stop.set()
@@ -240,6 +249,18 @@ def _counter_and_inc():
             return self.n
 
     return inc, Counter
+
+
+def _new_function(tag: str):
+    """``x -> x + 1`` as a function gcsd has not seen: its bytes carry ``tag``."""
+    import libclient as ray
+
+    @ray.remote
+    def plus_one(x):
+        assert tag
+        return x + 1
+
+    return plus_one
 
 
 def test_tasks_and_actor_calls_ride_through_a_killed_gcsd_member(tmp_path):
@@ -295,3 +316,94 @@ def test_tasks_and_actor_calls_ride_through_a_killed_gcsd_member(tmp_path):
         if c is not None:
             c.shutdown()
         chain.stop()
+
+
+def _start_gcsd(tmp_path, port: int, node_timeout_s: float) -> subprocess.Popen:
+    """One gcsd on a fixed port pair and data directory, so it can come back as itself."""
+    ready_r, ready_w = os.pipe()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
+    env["SHOAL_CONFIG"] = "none"
+    with open(tmp_path / "gcsd.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemons.gcsd", "--host", "127.0.0.1", "--port", str(port),
+             "--data-dir", str(tmp_path / "gcs"), "--node-timeout-s", str(node_timeout_s),
+             "--ready-fd", str(ready_w)],
+            pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stderr=log, env=env, cwd=ROOT)
+    os.close(ready_w)
+    with os.fdopen(ready_r, "rb") as f:
+        assert f.readline().startswith(b"{"), "gcsd did not start"
+    return proc
+
+
+def test_every_gcsd_member_down_a_while_then_back(tmp_path):
+    from test_chain_faults import _free_port_pair
+
+    import libclient as ray
+    from libclient.gcs_client import GcsClient, GcsUnavailableError
+
+    port = _free_port_pair()
+    address = f"tcp://127.0.0.1:{port}"
+    gcsd = _start_gcsd(tmp_path, port, node_timeout_s=2.0)
+    c = traffic = None
+    try:
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1}, gcs_address=address)
+        other = c.add_node(num_cpus=1)
+        c.connect()
+        inc, Counter = _counter_and_inc()
+        counter = Counter.remote()
+        assert ray.get(counter.add.remote(0), timeout=20) == 0
+        from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # Each node's worker has run (so fetched) the function: a worker that
+        # has not would wait for gcsd to fetch it (see docs/architecture.md).
+        for node in (c.head_node, other):
+            pin = NodeAffinitySchedulingStrategy(node.node_id, soft=False)
+            assert ray.get([inc.options(scheduling_strategy=pin).remote(i) for i in range(3)],
+                           timeout=20) == [1, 2, 3]
+        traffic = _Traffic(inc, counter)
+        time.sleep(0.5)
+        gcsd.send_signal(signal.SIGKILL)
+        gcsd.wait(10)
+        down_at = time.monotonic()
+        traffic.longest, before = 0.0, traffic.calls
+        # A call that needs gcsd (a new function) waits for it, within a deadline.
+        later: list = []
+        f = _new_function("exported while gcsd is down")
+        waiter = threading.Thread(target=lambda: later.append(
+            (ray.get(f.remote(6), timeout=30), time.monotonic() - down_at)), daemon=True)
+        waiter.start()
+        with GcsClient(address, timeout=1.0) as probe, pytest.raises(GcsUnavailableError):
+            probe.get_nodes()  # with a short deadline: a clear error
+        time.sleep(4.5)  # more than twice the node timeout
+        during = traffic.calls - before
+        longest_down = traffic.longest_gap(down_at, time.monotonic())
+        assert during > 10, "tasks and actor calls stopped while gcsd was down"
+        assert longest_down < 1.0, f"tasks stalled {longest_down:.1f} s while gcsd was down"
+        gcsd = _start_gcsd(tmp_path, port, node_timeout_s=2.0)  # same port and data dir
+        back_at = time.monotonic()
+        waiter.join(20)
+        assert later and later[0][0] == 7
+        time.sleep(3.0)  # past the node timeout: nobody was declared dead for the outage
+        traffic.stop()
+        assert traffic.errors == []
+        with GcsClient(address, timeout=5.0) as gcs:
+            states = {n["node_id"].hex(): n["state"] for n in gcs.get_nodes()}
+        assert states == {c.head_node.node_id: "ALIVE", other.node_id: "ALIVE"}
+        g, Counter2 = _counter_and_inc()
+        assert ray.get(g.remote(1), timeout=20) == 2
+        assert ray.get(Counter2.remote().add.remote(5), timeout=20) == 5
+        # Pinned to the other node: its raylet still follows gcsd and takes leases.
+        pinned = g.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            other.node_id, soft=False)).remote(2)
+        assert ray.get(pinned, timeout=20) == 3
+        print(f"\nevery gcsd down {back_at - down_at:.1f} s: {during} task+actor rounds went "
+              f"on (longest {longest_down * 1000:.0f} ms); a new function waited and ran "
+              f"{later[0][1]:.1f} s after the kill; both nodes ALIVE after")
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        if c is not None:
+            c.shutdown()
+        if gcsd.poll() is None:
+            gcsd.terminate()
+            gcsd.wait(10)
