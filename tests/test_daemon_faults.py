@@ -27,6 +27,7 @@ import time
 import cloudpickle
 import psutil
 import pytest
+from test_ops_supervisord import _serving, supervised  # noqa: F401 (a fixture)
 
 from libclient.cluster_utils import Cluster
 
@@ -407,3 +408,30 @@ def test_every_gcsd_member_down_a_while_then_back(tmp_path):
         if gcsd.poll() is None:
             gcsd.terminate()
             gcsd.wait(10)
+
+
+def test_stored_killed_under_supervisord_comes_back_with_its_node(supervised):  # noqa: F811
+    from test_ops_support import run_driver, wait_for
+
+    ctl = supervised["ctl"]
+
+    def pid(program: str) -> int:
+        out = ctl("pid", f"shoal:{program}").strip()
+        return int(out) if out.isdigit() else 0
+
+    wait_for(lambda: _serving(supervised), timeout=90, interval=0.3)
+    wait_for(lambda: ctl("status").count("RUNNING") == 3, timeout=60, interval=0.5)
+    stored, raylet = pid("stored"), pid("raylet")
+    workers = _workers_of(raylet)
+    start = time.monotonic()
+    os.kill(stored, signal.SIGKILL)
+    # The raylet leaves with its store; supervisord brings both back.
+    wait_for(lambda: pid("stored") not in (0, stored) and pid("raylet") not in (0, raylet),
+             timeout=60, interval=0.1)
+    wait_for(lambda: _serving(supervised), timeout=60, interval=0.1)
+    usable = time.monotonic() - start
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+    res = run_driver(supervised["raylet"], supervised["tmp"])
+    assert res.returncode == 0 and "RESULT [0, 1, 4, 9]" in res.stdout, res.stderr[-3000:]
+    print(f"\nstored killed under supervisord: node serving again after {usable:.1f} s")
