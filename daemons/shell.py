@@ -129,6 +129,33 @@ def resolve_config(ns: argparse.Namespace, flags: Mapping[str, Any]) -> HostConf
     return hostconfig.resolve(path, os.environ, merged, ns.set)
 
 
+def use_keys(sec: Mapping[str, Any], log: Any) -> Any:
+    """Load the cluster keys ``[security]`` names and put them in force here and
+    in the children we start (through the environment); None if it names none.
+
+    Raises:
+        ConfigError: the keys are missing, malformed or readable by others.
+    """
+    from libclient import security
+
+    keys_dir, encrypt = sec.get("keys_dir"), bool(sec.get("encrypt_bulk", True))
+    if not keys_dir:
+        security.use(None)
+        os.environ.pop(security.KEYS_ENV, None)
+        log.warning("security_disabled", reason="no [security] keys_dir: links between "
+                    "hosts are neither authenticated nor encrypted")
+        return None
+    try:
+        keys = security.load(keys_dir, encrypt_bulk=encrypt)
+    except security.SecurityError as exc:
+        raise ConfigError(str(exc)) from None
+    security.use(keys)
+    os.environ[security.KEYS_ENV] = keys.directory
+    os.environ[security.ENCRYPT_BULK_ENV] = "1" if encrypt else "0"
+    log.info("security_enabled", keys_dir=keys.directory, encrypt_bulk=encrypt)
+    return keys
+
+
 def start_logging(daemon: str, ns: argparse.Namespace) -> Any:
     """A logger for the time before the config is read: stderr, at the flag's level.
 

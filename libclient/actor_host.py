@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from libclient import serialization, spin
+from libclient import security, serialization, spin
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 _DEFAULT_ASYNC_CONCURRENCY = 1000
@@ -121,6 +121,11 @@ class ActorHost:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
                     if sock.family != socket.AF_UNIX:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        try:
+                            sock = security.accept_tls(sock)
+                        except OSError as exc:
+                            self.runner.log.warning("auth_failed", error=str(exc))
+                            continue
                     sel.register(sock, selectors.EVENT_READ, _Caller(sock))
                     continue
                 caller: _Caller = key.data

@@ -10,6 +10,7 @@ from typing import Any
 
 import cloudpickle
 
+from libclient import security
 from libclient.core import CoreWorker
 from libclient.exceptions import RaySystemError
 from libclient.object_ref import ObjectRef
@@ -114,6 +115,8 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
             _cluster = EmbeddedCluster(num_cpus=num_cpus, num_gpus=num_gpus,
                                        resources=resources,
                                        object_store_memory=object_store_memory)
+            # Its gcsd speaks only CURVE with the key made for it at start.
+            security.use(security.load(_cluster.keys_dir))
             sock = _cluster.raylet_socket
         else:
             sock = _resolve_address(address)
@@ -157,6 +160,7 @@ def shutdown() -> None:
         cluster, _cluster = _cluster, None
         if cluster is not None:
             cluster.stop()
+            security.reset()  # those keys went with the cluster
 
 
 atexit.register(shutdown)

@@ -24,6 +24,8 @@ import tempfile
 import time
 from typing import Any
 
+from libclient import security
+
 _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT_S = 30.0
 
@@ -48,10 +50,12 @@ class EmbeddedCluster:
     def __init__(self, *, num_cpus: float | None, num_gpus: float | None,
                  resources: dict | None, object_store_memory: int | None,
                  gcs_address: str | None = None, head: bool = True,
-                 node_ip: str = "127.0.0.1", node_timeout_s: float | None = None) -> None:
+                 node_ip: str = "127.0.0.1", node_timeout_s: float | None = None,
+                 keys_dir: str | None = None) -> None:
         """Start one node: with no ``gcs_address`` it is a whole cluster (gcsd
-        too); with one, it joins that cluster as a further node."""
-        spec = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {},
+        too); with one, it joins that cluster as a further node. ``keys_dir``:
+        the cluster's keys (default: fresh ones in the session directory)."""
+        spec = {"keys_dir": keys_dir, "num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {},
                 "object_store_memory": object_store_memory, "gcs_address": gcs_address,
                 "head": head, "node_ip": node_ip, "node_timeout_s": node_timeout_s}
         ready_r, ready_w = os.pipe()
@@ -73,6 +77,7 @@ class EmbeddedCluster:
         self.session_dir: str = info["session_dir"]
         self.raylet_socket: str = info["raylet_socket"]
         self.gcs_address: str = info["gcs_address"]
+        self.keys_dir: str = info["keys_dir"]
         self.node_id: str = info.get("node_id", "")
         self.pids: list[int] = info["pids"]
         self.daemon_pids: dict[str, int] = info.get("daemons", {})  # "raylet" -> pid
@@ -112,13 +117,16 @@ def _read_ready(fd: int, timeout: float, proc: subprocess.Popen | None = None) -
 
 
 # ---------------------------------------------------------------- launcher side
-def _start(name: str, argv: list[str], logdir: str, procs: list) -> dict[str, Any]:
+def _start(name: str, argv: list[str], logdir: str, procs: list,
+           keys_dir: str) -> dict[str, Any]:
     ready_r, ready_w = os.pipe()
     log = open(os.path.join(logdir, f"{name}.log"), "ab")
     # The embedded cluster is private to this driver: a host's shoal.toml and
     # SHOAL_* settings (meant for the system daemons) must not leak into it.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOAL_")}
     env["SHOAL_CONFIG"] = "none"
+    if keys_dir:
+        env[security.KEYS_ENV] = keys_dir
     proc = subprocess.Popen([sys.executable, "-m", f"daemons.{name}", *argv,
                              "--ready-fd", str(ready_w)],
                             pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stderr=log,
@@ -165,19 +173,24 @@ def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
     procs: list[subprocess.Popen] = []
     host = spec.get("node_ip") or "127.0.0.1"
     try:
+        # A cluster of its own gets a fresh key (0600, in the 0700 session
+        # directory); a node joining one is given the cluster's.
+        # (keys_dir "none": a node joining a gcsd that runs without keys).
+        keys_dir = spec.get("keys_dir") or security.keygen(os.path.join(session, "keys"))
+        keys_dir = "" if keys_dir == "none" else keys_dir
         gcs_address = spec.get("gcs_address")
         if not gcs_address:  # the head: this node runs the cluster's gcsd
             gcs_args = ["--host", host, "--port", "0", "--data-dir", os.path.join(session, "gcs")]
             if spec.get("node_timeout_s"):
                 gcs_args += ["--node-timeout-s", str(float(spec["node_timeout_s"]))]
-            gcs = _start("gcsd", gcs_args, logdir, procs)
+            gcs = _start("gcsd", gcs_args, logdir, procs, keys_dir)
             gcs_address = gcs["address"]
         store_sock = os.path.join(session, "stored.sock")
         store_args = ["--socket", store_sock, "--set", f"node.address={host}",
                       "--set", f"stored.spill_dir={os.path.join(session, 'spill')}"]
         if spec.get("object_store_memory"):
             store_args += ["--memory", str(int(spec["object_store_memory"]))]
-        _start("stored", store_args, logdir, procs)
+        _start("stored", store_args, logdir, procs, keys_dir)
         raylet_sock = os.path.join(session, "raylet.sock")
         raylet_args = ["--socket", raylet_sock, "--store-socket", store_sock,
                        "--gcs-address", gcs_address, "--set", f"node.address={host}"]
@@ -189,8 +202,8 @@ def _launcher(spec: dict[str, Any], ready_fd: int) -> None:
             raylet_args += ["--num-gpus", str(spec["num_gpus"])]
         if spec.get("resources"):
             raylet_args += ["--resources", json.dumps(spec["resources"])]
-        raylet = _start("raylet", raylet_args, logdir, procs)
-        info = {"session_dir": session, "raylet_socket": raylet_sock,
+        raylet = _start("raylet", raylet_args, logdir, procs, keys_dir)
+        info = {"session_dir": session, "raylet_socket": raylet_sock, "keys_dir": keys_dir,
                 "gcs_address": gcs_address, "node_id": raylet.get("node_id", ""),
                 "pids": [p.pid for p in procs],
                 "daemons": {p.args[2].split(".")[1]: p.pid for p in procs}}

@@ -13,13 +13,17 @@ of that node, its workers included, gets SIGKILL at once.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import tempfile
 import time
 from typing import Any
 
 import psutil
 
-from libclient.cluster import EmbeddedCluster
+from libclient import security
+from libclient.cluster import EmbeddedCluster, runtime_base
 
 # Test clusters put several nodes on one machine: a small default store each
 # (Ray's cluster_utils does the same) instead of 30% of RAM per node.
@@ -95,6 +99,16 @@ class Cluster:
                  head_node_args: dict[str, Any] | None = None,
                  gcs_address: str | None = None, **_ignored: Any) -> None:
         self.external_gcs = gcs_address
+        # One key for every node of the test cluster, and for this process
+        # (the driver, and the GcsClients that watch the nodes join). A gcsd
+        # started elsewhere has the keys of this process's environment, if any.
+        self._saved_keys_env = os.environ.get(security.KEYS_ENV)
+        self.keys_dir = ""
+        if gcs_address is None:
+            self.keys_dir = security.keygen(os.path.join(
+                tempfile.mkdtemp(prefix="keys-", dir=runtime_base()), "keys"))
+            os.environ[security.KEYS_ENV] = self.keys_dir
+            security.reset()
         self.head_node: Node | None = None
         self.worker_nodes: set[Node] = set()
         self.connected = False
@@ -132,7 +146,8 @@ class Cluster:
             gcs_address=self.external_gcs or (
                 None if head else self.head_node.address),  # type: ignore[union-attr]
             head=head, node_ip=args.get("node_ip_address") or "127.0.0.1",
-            node_timeout_s=args.get("node_timeout_s") if head else None)
+            node_timeout_s=args.get("node_timeout_s") if head else None,
+            keys_dir=self.keys_dir or self._saved_keys_env or "none")
         node = Node(launcher, head, args)
         if head:
             self.head_node = node
@@ -197,6 +212,18 @@ class Cluster:
         if self.head_node is not None:
             self.head_node.stop()
             self.head_node = None
+        self._forget_keys()
+
+    def _forget_keys(self) -> None:
+        if self.keys_dir and os.environ.get(security.KEYS_ENV) == self.keys_dir:
+            if self._saved_keys_env is None:
+                os.environ.pop(security.KEYS_ENV, None)
+            else:
+                os.environ[security.KEYS_ENV] = self._saved_keys_env
+            security.reset()
+        if self.keys_dir:
+            shutil.rmtree(os.path.dirname(self.keys_dir), ignore_errors=True)
+            self.keys_dir = ""
 
     def __enter__(self) -> Cluster:
         return self

@@ -46,6 +46,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from libclient import security
 from libclient.protocol import encode_body
 
 # A write normally commits in a millisecond or two; no answer in this long
@@ -210,6 +211,7 @@ class GcsClient:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.ROUTING_ID, self._cid)
             sock.setsockopt(zmq.SNDHWM, 100_000)
+            security.curve_client(sock)  # the cluster's CURVE keys, if it has them
             sock.connect(address)
             self._socks[address] = sock
         return sock
@@ -608,6 +610,7 @@ class GcsSubscriber:
         self._last: dict[tuple[int, str], int] = {}
         self._sock: zmq.Socket | None = _context().socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
+        security.curve_client(self._sock)
         # ZeroMQ matches topics by prefix; recv() re-checks the exact name.
         for table in self.tables or {""}:
             self._sock.setsockopt(zmq.SUBSCRIBE, table.encode())

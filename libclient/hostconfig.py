@@ -264,6 +264,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "head": Key(_bool, False, "this node is the head (drivers given a gcsd address "
                                   "prefer it)"),
     },
+    "security": {
+        "keys_dir": Key(_path, None, "cluster key directory (shoal keygen); unset: links "
+                                     "between hosts are neither authenticated nor encrypted"),
+        "encrypt_bulk": Key(_bool, True, "encrypt stored-to-stored transfers; false: "
+                                         "authenticate only (HMAC), for trusted networks"),
+    },
 }
 
 

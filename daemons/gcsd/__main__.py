@@ -36,7 +36,7 @@ from daemons.gcsd.replication import LocalReads
 from daemons.gcsd.server import Deployment, GcsServer, bind_sockets
 from daemons.gcsd.shardstore import ShardStore
 from daemons.gcsd.tables import StorageError
-from libclient import __version__, hostconfig, logs
+from libclient import __version__, hostconfig, logs, security
 
 DEFAULT_PORT = 6379  # Ray's default GCS port, so existing firewall rules carry over
 DEFAULT_NODE_TIMEOUT_S = 10.0
@@ -97,6 +97,22 @@ def _host_config(ns: argparse.Namespace) -> dict[str, Any]:
     if len(gcs["members"]) > 1:
         conf["members"] = list(gcs["members"])
     return conf
+
+
+def _term(ctx: zmq.Context, zap: security.ZapHandler | None) -> None:
+    """End the ZAP handler (its socket would keep ``term`` waiting), then the context."""
+    if zap is not None:
+        zap.stop()
+    ctx.term()
+
+
+def _security(ns: argparse.Namespace) -> dict[str, Any]:
+    """``[security]`` from the host config and SHOAL_SECURITY_* (docs/security.md)."""
+    try:
+        hc = hostconfig.resolve(hostconfig.config_path(ns.config, os.environ), os.environ, {}, [])
+    except hostconfig.ConfigError as exc:
+        raise shell.ConfigError(str(exc)) from None
+    return hc.values["security"]
 
 
 def _settings(ns: argparse.Namespace) -> dict[str, Any]:
@@ -193,10 +209,11 @@ def _run_master(conf: dict[str, Any], ns: argparse.Namespace, log: Any) -> None:
         shell.fail(log, f"master state in {conf['data_dir']} is unusable: {exc}")
         return
     ctx = zmq.Context()
+    zap = security.start_zap(ctx, log)  # before any bind: CURVE clients are checked by it
     try:
         router, address = bind_master(ctx, conf["host"], conf["port"])
     except zmq.ZMQError as exc:
-        ctx.term()
+        _term(ctx, zap)
         shell.fail(log, f"cannot bind {conf['host']}:{conf['port']}: {exc}")
         return
     server = MasterServer(router, master, conf["data_dir"], members, log, tick_s)
@@ -209,7 +226,7 @@ def _run_master(conf: dict[str, Any], ns: argparse.Namespace, log: Any) -> None:
         server.run(stop)
     finally:
         server.close()
-        ctx.term()
+        _term(ctx, zap)
         log.info("gcsd_stopped", requests=server.handled)
 
 
@@ -232,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     log = logs.configure("gcsd", level=ns.log_level)
     try:
         conf = _settings(ns)
+        shell.use_keys(_security(ns), log)
         lock = _lock_data_dir(conf["data_dir"])
     except shell.ConfigError as exc:
         shell.fail(log, str(exc))
@@ -244,10 +262,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     stop = shell.StopFlag()
     ctx = zmq.Context()
+    zap = security.start_zap(ctx, log)  # before any bind: CURVE clients are checked by it
     try:
         router, pub, address, pubsub = bind_sockets(ctx, conf["host"], conf["port"])
     except shell.ConfigError as exc:
-        ctx.term()
+        _term(ctx, zap)
         shell.fail(log, str(exc))
         return
     members = conf["members"] or [address]
@@ -257,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     except StorageError as exc:
         router.close()
         pub.close()
-        ctx.term()
+        _term(ctx, zap)
         shell.fail(log, str(exc))
         return
     deployment = Deployment(member, members, conf["shards"],
@@ -280,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         if watchdog is not None:
             watchdog.stop()
         server.close()
-        ctx.term()
+        _term(ctx, zap)
         lock.close()
         log.info("gcsd_stopped", requests=server.handled)
     sys.exit(0)

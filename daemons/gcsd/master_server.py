@@ -25,6 +25,7 @@ import zmq
 
 from daemons.gcsd.master import ChainMaster, Heartbeat, ShardReport
 from daemons.shell import StopFlag
+from libclient import security
 from libclient.protocol import MAX_FRAME, ProtocolError, decode_body, encode_body
 from libclient.protocol import field as _field
 
@@ -178,6 +179,7 @@ def bind_master(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, str
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    security.curve_server(router)
     if port == 0:
         port = router.bind_to_random_port(f"tcp://{host}")
     else:

@@ -81,7 +81,7 @@ from daemons.gcsd.tables import (
 )
 from daemons.gcsd.wire import chain_header, decode_chain, decode_configs, encode_chain
 from daemons.shell import ConfigError, StopFlag
-from libclient import spin
+from libclient import security, spin
 from libclient.gcs_client import (
     FANOUT_METHODS,
     READ_METHODS,
@@ -126,6 +126,7 @@ def bind_sockets(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, zm
     pub = ctx.socket(zmq.XPUB)
     for sock in (router, pub):
         sock.setsockopt(zmq.LINGER, 0)
+        security.curve_server(sock)  # cluster keys in force: CURVE, clients checked by ZAP
     router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)  # a hostile size never gets buffered
     router.setsockopt(zmq.RCVHWM, RCV_HWM)
     # Clients name their sockets (so a tail can answer them); a client that
@@ -838,6 +839,7 @@ class GcsServer:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not there
         sock.setsockopt(zmq.SNDHWM, PEER_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        security.curve_client(sock)
         sock.connect(address)
         return sock
 

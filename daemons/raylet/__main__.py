@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         node_id = bytes.fromhex(conf["node"]["id"]) if conf["node"]["id"] else os.urandom(16)
         log = shell.configured_logging("raylet", node_id.hex(), conf)
         shell.check_socket_dir(conf["raylet"]["socket"])
+        shell.use_keys(conf["security"], log)  # workers inherit them through the environment
     except shell.ConfigError as exc:
         shell.fail(log, str(exc))
         return

@@ -47,6 +47,7 @@ from daemons.raylet.scheduler import (
     Unschedulable,
 )
 from daemons.raylet.worker_pool import IDLE, LEASED, STARTING, Worker, WorkerPool
+from libclient import security
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 from libclient.protocol import field as mfield
 
@@ -236,6 +237,7 @@ class Raylet:
         sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = security.server_wrap(sock)  # TLS with the cluster's keys, if any
         self._next_cid += 1
         conn = _Conn(sock, self._next_cid)
         self.conns[conn.cid] = conn

@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         conf = _settings(ns)
         log = shell.configured_logging("stored", conf["node"]["id"], conf)
         shell.check_socket_dir(conf["stored"]["socket"])
+        shell.use_keys(conf["security"], log)
     except shell.ConfigError as exc:
         shell.fail(log, str(exc))
         return

@@ -62,6 +62,7 @@ from daemons.stored.pull import (
     WatchLocal,
 )
 from daemons.stored.store import SEALED, ObjectTable, Reply
+from libclient import security
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 LISTEN_KEY = "transfer_listen"
@@ -383,6 +384,13 @@ class TransferShell:
                 self._fail_link(link, f"connect failed: {os.strerror(err)}", now)
                 return
             link.connected = True
+            # Wrapped once connected: TLS (or the HMAC handshake) sees an
+            # unconnected socket as one to send in clear.
+            self.sel.unregister(link.sock)
+            try:
+                link.sock = security.client_wrap(link.sock, bulk=True, handshake=False)
+            finally:
+                self.sel.register(link.sock, link.mask, link)
             self._link_flush(link, now)
             if not self._alive(link):
                 return
@@ -546,6 +554,7 @@ class TransferShell:
                 sock.close()
                 continue
             _tune(sock)
+            sock = security.server_wrap(sock, bulk=True)  # the handshake runs in the reads
             self._next_cid -= 1
             s = _Served(sock, self._next_cid, peer, now)
             self._served[s.cid] = s

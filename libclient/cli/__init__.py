@@ -7,6 +7,7 @@
     shoal logs [PATH ...] [--daemon D] [--level L] [--node N] [--task T] [-f]
     shoal kv get|put|list ...
     shoal config [--json]
+    shoal keygen DIR [--ca-dir CA_DIR]
 
 Every command takes --config FILE (default $SHOAL_CONFIG or
 /etc/shoal/shoal.toml) and --set SECTION.KEY=VALUE, like the daemons.
@@ -19,9 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from libclient.cli import common, configcmd, health, kv, launch, logview, status
+from libclient.cli import common, configcmd, health, keygen, kv, launch, logview, status
 
-_COMMANDS = (launch, status, health, logview, kv, configcmd)
+_COMMANDS = (launch, status, health, logview, kv, configcmd, keygen)
 
 
 def build_parser() -> argparse.ArgumentParser:

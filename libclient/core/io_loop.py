@@ -35,7 +35,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from libclient import spin
+from libclient import security, spin
 from libclient.protocol import Connection, FrameDecoder, ProtocolError, pack
 
 SOCK_BUF = 4 * 1024 * 1024
@@ -215,7 +215,7 @@ class IoLoop:
         if not host or not port.isdigit():
             return None
         try:
-            sock = socket.create_connection((host, int(port)), timeout=5.0)
+            sock = security.connect((host, int(port)), timeout=5.0)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             return None
@@ -411,7 +411,7 @@ def connect_worker(grant: dict, remote: bool) -> socket.socket:
     """Connect to a leased or actor worker: its Unix socket on our node, TCP on another."""
     if remote:
         host, _, port = grant["address"].rpartition(":")
-        sock = socket.create_connection((host, int(port)), timeout=5.0)
+        sock = security.connect((host, int(port)), timeout=5.0)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     else:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -14,9 +14,9 @@ answers, with a timeout, so a dead peer never stalls the owner.
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 
+from libclient import security
 from libclient.protocol import FrameDecoder, pack
 
 TIMEOUT_S = 2.0
@@ -58,7 +58,7 @@ class RemoteFreer:
 def _free_at(addr: str, oids: list[bytes]) -> int:
     host, _, port = addr.rpartition(":")
     host = host.strip("[]")
-    with socket.create_connection((host, int(port)), timeout=TIMEOUT_S) as sock:
+    with security.connect((host, int(port)), TIMEOUT_S, bulk=True) as sock:
         sock.settimeout(TIMEOUT_S)
         sock.sendall(b"".join(pack({"t": "free", "r": i + 1, "oid": oid})
                               for i, oid in enumerate(oids)))
