@@ -136,6 +136,70 @@ def test_tls_sockets_pass_bytes_both_ways_non_blocking(tmp_path):
         s.close()
 
 
+def _serve_once(keys: security.ClusterKeys, bulk: bool = False):
+    """A listening socket and a thread that accepts one client, echoes one message."""
+    import threading
+
+    listen = socket.create_server(("127.0.0.1", 0))
+    result = {}
+
+    def run():
+        raw, _ = listen.accept()
+        try:
+            if bulk:
+                sock = security.server_wrap(raw, keys, bulk=True)
+            else:
+                sock = security.accept_tls(raw, keys)
+            sock.settimeout(5)
+            data = sock.recv(100)
+            sock.sendall(data)
+            result["ok"] = data
+        except OSError as exc:
+            result["error"] = str(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return listen, t, result
+
+
+def test_a_node_certificate_issued_by_the_same_ca_is_accepted(tmp_path):
+    old = security.load(security.keygen(str(tmp_path / "old")))
+    rotated = security.load(security.keygen(str(tmp_path / "new"), ca_dir=old.directory))
+    assert not os.path.exists(rotated.path("ca.key"))  # a node's directory needs no CA key
+    other = security.load(security.keygen(str(tmp_path / "other")))
+    listen, t, result = _serve_once(old)
+    with security.connect(listen.getsockname(), 5.0, rotated) as sock:
+        sock.sendall(b"ping")
+        assert sock.recv(100) == b"ping"
+    t.join()
+    assert result["ok"] == b"ping"
+    listen.close()
+    listen, t, result = _serve_once(old)
+    with pytest.raises(security.AuthError):
+        security.connect(listen.getsockname(), 5.0, other)
+    t.join()
+    assert "TLS handshake from 127.0.0.1" in result["error"]
+    listen.close()
+
+
+def test_the_hmac_mode_authenticates_then_passes_plain_bytes(tmp_path):
+    keys = security.load(security.keygen(str(tmp_path / "k")), encrypt_bulk=False)
+    listen, t, result = _serve_once(keys, bulk=True)
+    with security.connect(listen.getsockname(), 5.0, keys, bulk=True) as sock:
+        sock.sendall(b"chunk")
+        assert sock.recv(100) == b"chunk"
+    t.join()
+    assert result["ok"] == b"chunk"
+    listen.close()
+    other = security.load(security.keygen(str(tmp_path / "o")), encrypt_bulk=False)
+    listen, t, result = _serve_once(keys, bulk=True)
+    with pytest.raises(security.AuthError):
+        security.connect(listen.getsockname(), 5.0, other, bulk=True)
+    t.join()
+    assert "error" in result
+    listen.close()
+
+
 def test_the_embedded_cluster_keeps_its_keys_private():
     info = ray.init(num_cpus=1)
     try:
