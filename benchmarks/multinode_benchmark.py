@@ -37,10 +37,14 @@ def _backend(name: str) -> tuple[Any, Any, Any]:
         from ray.cluster_utils import Cluster
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         return ray, Cluster, NodeAffinitySchedulingStrategy
+    import functools
+
     import libclient as ray
     from libclient.cluster_utils import Cluster
     from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    return ray, Cluster, NodeAffinitySchedulingStrategy
+    # "shoal-insecure": the same cluster without keys (plain TCP, no CURVE).
+    return (ray, functools.partial(Cluster, secure=name != "shoal-insecure"),
+            NodeAffinitySchedulingStrategy)
 
 
 def _rate(fn: Any, n: int, duration: float) -> float:
@@ -150,7 +154,8 @@ def run_child(backend: str, cases: list[str], duration: float) -> dict[str, floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=["shoal", "ray", "both"], default="both")
+    p.add_argument("--backend", choices=["shoal", "shoal-insecure", "ray", "both", "all"],
+                   default="both", help="all: shoal (keys), shoal-insecure and ray")
     p.add_argument("--cases", help="comma-separated substrings of case names (e.g. 'tiny,sync')")
     p.add_argument("--duration", type=float, default=2.0)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -165,7 +170,8 @@ def main() -> None:
     if ns.child:
         print(json.dumps(run_child(ns.backend, cases, ns.duration)))
         return
-    backends = ["shoal", "ray"] if ns.backend == "both" else [ns.backend]
+    backends = {"both": ["shoal", "ray"], "all": ["shoal", "shoal-insecure", "ray"]}.get(
+        ns.backend, [ns.backend])
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cases": cases}
     for backend in backends:
         proc = subprocess.run([sys.executable, __file__, "--child", "--backend", backend,

@@ -93,18 +93,21 @@ class Cluster:
             (one member's ``tcp://`` address, or several comma-separated).
             Every node joins it and the head starts no gcsd of its own, so a
             test can run gcsd as a chain, or kill and restart it.
+        secure: Shoal only: False runs the nodes without keys (plain TCP,
+            no CURVE), to measure what security costs.
     """
 
     def __init__(self, initialize_head: bool = False, connect: bool = False,
                  head_node_args: dict[str, Any] | None = None,
-                 gcs_address: str | None = None, **_ignored: Any) -> None:
+                 gcs_address: str | None = None, secure: bool = True,
+                 **_ignored: Any) -> None:
         self.external_gcs = gcs_address
         # One key for every node of the test cluster, and for this process
         # (the driver, and the GcsClients that watch the nodes join). A gcsd
         # started elsewhere has the keys of this process's environment, if any.
         self._saved_keys_env = os.environ.get(security.KEYS_ENV)
         self.keys_dir = ""
-        if gcs_address is None:
+        if gcs_address is None and secure:
             self.keys_dir = security.keygen(os.path.join(
                 tempfile.mkdtemp(prefix="keys-", dir=runtime_base()), "keys"))
             os.environ[security.KEYS_ENV] = self.keys_dir
