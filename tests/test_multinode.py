@@ -118,8 +118,11 @@ def test_remote_raylet_port_survives_garbage_and_strangers(cluster):
     for payload in (b"\x00" * 3, b"\xff\xff\xff\x7f" + b"x" * 100, b"\x05\x00\x00\x00hello",
                     os.urandom(4096)):
         with socket.create_connection((host, int(port)), timeout=5) as s:
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
+            try:
+                s.sendall(payload)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # with cluster keys, TLS refuses the garbage and may close first
             s.settimeout(5)
             try:
                 while s.recv(65536):

@@ -217,7 +217,7 @@ def _run_master(conf: dict[str, Any], ns: argparse.Namespace, log: Any) -> None:
         shell.fail(log, f"cannot bind {conf['host']}:{conf['port']}: {exc}")
         return
     server = MasterServer(router, master, conf["data_dir"], members, log, tick_s)
-    log.info("gcsd_started", role="master", address=address, data_dir=conf["data_dir"],
+    log.info("gcsd_started", role="master", security=shell.security_summary(), address=address, data_dir=conf["data_dir"],
              configs=master.configs(), version=__version__)
     shell.notify_ready(ns.ready_fd, json.dumps({"address": address}))
     stop = shell.StopFlag()
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                             heartbeat_s=conf["heartbeat_s"], chain_length=conf["chain_length"])
     tick_s = min(1.0, max(0.05, conf["node_timeout_s"] / 4))
     server = GcsServer(router, pub, replicas, deployment, log, tick_s, ctx, pubsub)
-    log.info("gcsd_started", address=address, pubsub=pubsub, data_dir=conf["data_dir"],
+    log.info("gcsd_started", address=address, pubsub=pubsub, security=shell.security_summary(), data_dir=conf["data_dir"],
              node_timeout_s=conf["node_timeout_s"], member=member, members=members,
              shards=conf["shards"], chain_length=conf["chain_length"],
              master=deployment.master, seq=sum(s.applied for s, _c in replicas.values()),

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                     max_workers=rconf["max_workers"] or max(8, 4 * ncpu + 4),
                     wake_fd=stop.wake_fd_r, store_watch=store_watch.sock)
     raylet.start_workers()
-    log.info("raylet_started", socket=socket_path, address=info["raylet_address"],
+    log.info("raylet_started", security=shell.security_summary(), socket=socket_path, address=info["raylet_address"],
              resources=resources, gpus=len(gpus),
              gcs_address=gcs_members, config=conf.path)
     shell.notify_ready(ns.ready_fd, json.dumps({"socket": socket_path,

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     interval = sdnotify.watchdog_interval()
     if interval is not None:  # the idle loop must turn often enough to feed the watchdog
         server.max_wait_s = min(server.max_wait_s, interval / 2)
-    log.info("stored_started", socket=path, capacity=table.capacity, arena_size=arena_size,
+    log.info("stored_started", security=shell.security_summary(), socket=path, capacity=table.capacity, arena_size=arena_size,
              prefault=prefault, transfer_address=transfer_address, config=conf.path,
              spill_dir=conf["stored"]["spill_dir"] if spill_files else None)
     shell.notify_ready(ns.ready_fd, json.dumps({"socket": path, "capacity": table.capacity,
