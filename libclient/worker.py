@@ -37,6 +37,10 @@ class _LostArgument(ObjectLostError):
         super().__init__(f"argument {oid.hex()} of this task was lost: {why}")
         self.oid = oid
 
+    def __reduce__(self) -> tuple:
+        # The owner unpickles what the task raised: it is an ObjectLostError.
+        return (ObjectLostError, (str(self),))
+
 
 class _Cancelled(BaseException):
     """Raised inside a running task by SIGINT when its holder cancelled it."""
@@ -245,6 +249,7 @@ class TaskRunner:
         return self.finish(msg, result, start)
 
     def _raised(self, msg: dict, exc: Exception, start: float) -> dict:
+        self._exit_if_store_lost(exc)
         status = 2 if self._retryable(msg, exc) else 1
         return {"t": "done", "tid": msg["tid"], "err": status, "dur": time.perf_counter() - start,
                 "rets": [["v", error_wire_from(exc, msg.get("name", "?"))]] * msg.get("nret", 1)}
@@ -259,13 +264,29 @@ class TaskRunner:
                 reply["nst"] = nested
             return reply
         except Exception as exc:
+            self._exit_if_store_lost(exc)
             wrapped = TypeError(f"could not serialize the return value of {name}: {exc}")
             return self._error(tid, name, nret, wrapped, start)
+
+    def _exit_if_store_lost(self, exc: BaseException) -> None:
+        """Our node's stored died: the node is gone (its raylet ends too), and
+        the task did nothing wrong. Exit, so the lease holder sees a crashed
+        worker and runs the task again elsewhere, within max_retries."""
+        store_client = sys.modules.get("libclient.store_client")
+        if store_client is None:
+            return
+        lost = store_client.StoreLostError
+        while exc is not None:
+            if isinstance(exc, lost):
+                self.log.error("store_lost", error=str(exc), action="worker exits")
+                os._exit(75)
+            exc = exc.__cause__ or exc.__context__
 
     def _arg_error(self, tid: bytes, name: str, nret: int, exc: BaseException,
                    start: float) -> dict:
         """An argument could not be had. A lost one is named in the reply, so
         its owner can rebuild it and send the task again."""
+        self._exit_if_store_lost(exc)
         reply = self._error(tid, name, nret, exc, start)
         if isinstance(exc, _LostArgument):
             reply["lost"] = exc.oid

@@ -160,13 +160,15 @@ def test_store_full_raises_clearly(tmp_path):
         from libclient.exceptions import ObjectStoreFullError
         ray.init(num_cpus=1, object_store_memory=48 << 20)
         held = [ray.put(np.ones(16 << 20, dtype=np.uint8)) for _ in range(2)]
+        # Values being read are pinned: stored can neither evict nor spill them.
+        views = [ray.get(r) for r in held]
         try:
             ray.put(np.ones(20 << 20, dtype=np.uint8))
         except ObjectStoreFullError as e:
             print("FULL", e)
         else:
             print("NOT FULL")
-        del held
+        del held, views
         # Once nobody holds them, the old objects are evicted to make room.
         ref = ray.put(np.ones(20 << 20, dtype=np.uint8))
         print("OK", int(ray.get(ref).sum()))

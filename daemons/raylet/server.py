@@ -130,6 +130,8 @@ class Raylet:
         self.exit_status = 0  # non-zero: the loop ended because this node cannot serve
         self.conns: dict[int, _Conn] = {}
         self._by_pid: dict[int, _Conn] = {}  # local drivers and workers, by pid
+        self.stopping = False  # close() runs: the node is leaving
+        self._last_heartbeat = 0.0
         self.leases: dict[int, _Lease] = {}
         # Granted requests waiting for a worker: (request, conn, lease_r, gpus).
         self.awaiting: list[tuple[LeaseRequest, _Conn, list[int]]] = []
@@ -142,7 +144,6 @@ class Raylet:
         self.last_loop = time.monotonic()
         self._next_cid = 0
         self._next_lease = 0
-        self._last_heartbeat = 0.0
         self._last_report = 0.0
         self._reported: dict[str, float] | None = None  # free resources gcsd last heard
         self._report_version = 0
@@ -209,6 +210,10 @@ class Raylet:
         self.exit_status = 3
 
     def close(self) -> None:
+        # The node is leaving: its actors fail over like any dead node's (the
+        # row stays theirs to restart elsewhere), so the connections closed
+        # below must not pass for their owners exiting.
+        self.stopping = True
         for conn in list(self.conns.values()):
             self._close(conn, "raylet stopping")
         self.pool.stop_all()
@@ -309,8 +314,9 @@ class Raylet:
         self.log.info("client_closed", conn=conn.cid, kind=conn.kind, reason=why)
         self.scheduler.cancel(conn.cid)
         self.awaiting = [a for a in self.awaiting if a[1] is not conn or self._unreserve(a)]
-        for record in self.actors.owner_gone(conn.cid):
-            self._kill_actor(record)
+        if not self.stopping:
+            for record in self.actors.owner_gone(conn.cid):
+                self._kill_actor(record)
         # A holder that vanished may have left tasks running: kill its workers.
         for lease_id in list(conn.leases):
             self._end_lease(lease_id, kill=True)
@@ -1001,6 +1007,12 @@ class Raylet:
                           address=row.get("raylet_address", ""))
         self.cluster_nodes[node_id] = row
         if node_id == self.node_id:
+            if row.get("state") != "ALIVE" and not self.stopping:
+                # Declared dead (final, as in Ray): others restart our actors
+                # and retry our tasks. Ray's raylet exits here; ours only says
+                # so for now (see docs/architecture.md, When daemons die).
+                self.log.error("declared_dead", reason=row.get("death_reason", ""),
+                               state=str(row.get("state")))
             return  # the scheduler keeps our own entry
         try:
             if row.get("state") != "ALIVE":

@@ -54,7 +54,7 @@ from libclient import object_ref
 from libclient.core import task_manager
 from libclient.core.errors import actor_died_wire
 from libclient.core.io_loop import Conn, IoLoop, RemoteRaylet, connect_worker
-from libclient.core.references import ReferenceTable
+from libclient.core.references import NOT_READY, ReferenceTable
 from libclient.core.task_manager import Task, TaskManager
 from libclient.protocol import FrameDecoder, pack
 
@@ -224,8 +224,11 @@ class ActorSubmitter:
                 continue
             if task.unresolved:
                 return
-            a.queue.popleft()
             failed = self._refs.resolve_args(task)
+            if failed is NOT_READY:  # an argument is being rebuilt: wait for it
+                self._refs.wait_for_args(task)
+                return
+            a.queue.popleft()
             if failed is not None:
                 self._finish_error(task, failed)
                 continue

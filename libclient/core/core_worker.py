@@ -38,7 +38,14 @@ from libclient.core.actor_submitter import ActorConn, ActorSubmitter
 from libclient.core.errors import error_wire
 from libclient.core.io_loop import Conn, IoLoop, RemoteRaylet
 from libclient.core.owner_notices import OwnerNotices
-from libclient.core.references import PENDING, READY, RELEASED, Entry, ReferenceTable
+from libclient.core.references import (
+    NOT_READY,
+    PENDING,
+    READY,
+    RELEASED,
+    Entry,
+    ReferenceTable,
+)
 from libclient.core.store_provider import StoreProvider
 from libclient.core.task_manager import Task, TaskManager
 from libclient.core.task_submitter import Lease, TaskSubmitter, strategy_key
@@ -137,6 +144,10 @@ class CoreWorker:
             self._store.free([oid])
         if self._refs.dropped:
             self._settle_lineage()
+
+    def task_reruns(self) -> int:
+        """How many tasks this process sent again (retries and rebuilds)."""
+        return self._tasks.reruns
 
     # --------------------------------------------------------------- lineage
     def _settle_lineage(self) -> None:
@@ -658,6 +669,9 @@ class CoreWorker:
             self._actors.pump(self._actors.actor(task.key[1]))
             return
         failed = self._refs.resolve_args(task)
+        if failed is NOT_READY:  # an argument is being rebuilt: wait for it again
+            self._refs.wait_for_args(task)
+            return
         if failed is not None:
             if kind == "create":
                 self._actors.creation_failed(task, failed)
@@ -853,7 +867,8 @@ class CoreWorker:
         """The task's worker found an argument of ours lost: rebuild it and run
         the task again once it is back (no retry spent). False if it cannot
         be rebuilt, so the task fails with the worker's error."""
-        if task.key[0] != "task" or task.cancelled or not isinstance(lost, bytes):
+        kind = task.key[0]
+        if kind not in ("task", "actor") or task.cancelled or not isinstance(lost, bytes):
             return False
         entry = self._refs.owned.get(lost)
         if entry is None or entry.buf is not None or self._rebuild(lost) is not None:
@@ -861,7 +876,11 @@ class CoreWorker:
         task.lease = None
         self._tasks.mark(task, "PENDING")
         self._refs.wait_for_args(task)
-        if task.unresolved == 0:
+        if kind == "actor":
+            # Back at the head of the actor's queue: it (and the calls after
+            # it, to keep their order) leaves once the argument is back.
+            self._actors.requeue(task)
+        elif task.unresolved == 0:
             self._enqueue(task)
         cls = self._submitter.classes.get(task.key)
         if cls is not None:

@@ -63,6 +63,10 @@ PENDING = 0
 READY = 1
 RELEASED = 2  # value freed; the entry stays because lineage names it
 
+# resolve_args' answer when an argument went back to pending (it is being
+# rebuilt): the caller makes the task wait for it again.
+NOT_READY: list = ["not ready"]
+
 
 class Entry:
     """An owned object: pending until its task replies, then inline or stored."""
@@ -404,13 +408,16 @@ class ReferenceTable:
         value, a stored or borrowed one by id, with the address of the store
         that holds it (a worker on another node pulls it from there first).
         Returns the error wire of a failed argument instead (the task then
-        fails with it)."""
+        fails with it), or NOT_READY if one is pending again (lost and being
+        rebuilt since the task was queued)."""
         if not task.deps:
             return None
         resolved = []
         owned = self.owned
         for slot, ref in task.deps:
             entry = owned.get(ref._id)
+            if entry is not None and entry.state != READY:
+                return NOT_READY
             if entry is None or entry.buf is not None or entry.loc:
                 loc = entry.loc if entry is not None and entry.loc else self.store_address
                 resolved.append([slot, "s", ref._id, ref.owner_pid, loc])

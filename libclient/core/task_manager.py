@@ -90,6 +90,7 @@ class TaskManager:
         self.lineage_bytes = 0
         self.max_lineage_bytes = MAX_LINEAGE_BYTES
         self.evicted: dict[bytes, None] = {}  # recently evicted lineage (ordered set)
+        self.reruns = 0  # tasks sent again: retries after a crash or error, and rebuilds
 
     def add(self, task: Task) -> None:
         self.pending[task.tid] = task
@@ -118,6 +119,7 @@ class TaskManager:
         """The worker answered (``status`` is its ``err`` field): what now?"""
         if status == _RETRYABLE and task.retries_left != 0 and not task.cancelled:
             _spend(task)
+            self.reruns += 1
             task.lease = None
             return RETRY
         if status:
@@ -131,6 +133,7 @@ class TaskManager:
             return CANCELLED
         if task.retries_left != 0:
             _spend(task)
+            self.reruns += 1
             return RETRY
         return FAILED
 
@@ -189,6 +192,7 @@ class TaskManager:
         if task.retries_left == 0:
             return "exhausted"
         _spend(task)
+        self.reruns += 1
         self.forget(tid)
         task.cancelled = False
         self.pending[tid] = task
