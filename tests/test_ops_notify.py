@@ -95,14 +95,19 @@ def test_stored_notifies_ready_and_feeds_the_watchdog(tmp_path, notify):
 def test_raylet_notifies_ready_only_after_registering(tmp_path, notify):
     gcs, ready = start_daemon("gcsd", ["--port", "0", "--data-dir", str(tmp_path / "gcs")],
                               tmp_path / "gcsd.log")
+    store_sock = str(tmp_path / "stored.sock")  # a raylet waits for its stored
+    store, _ = start_daemon("stored", ["--socket", store_sock, "--memory", "16M",
+                                       "--set", f"stored.spill_dir={tmp_path / 'spill'}"],
+                            tmp_path / "stored.log")
     sock = str(tmp_path / "run" / "raylet.sock")
-    proc = _spawn("daemons.raylet", ["--socket", sock, "--store-socket", "/nonexistent",
+    proc = _spawn("daemons.raylet", ["--socket", sock, "--store-socket", store_sock,
                                      "--gcs-address", ready["address"], "--num-cpus", "0"],
                   notify, tmp_path, "raylet")
     try:
         _ready_then_serving_then_watchdog(proc, notify, sock)
     finally:
         stop(proc)
+        stop(store)
         stop(gcs)
     check_log_text((tmp_path / "raylet.log").read_text())
 

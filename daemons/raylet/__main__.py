@@ -90,6 +90,18 @@ def main(argv: list[str] | None = None) -> None:
     tcp_listen.setblocking(False)
     from libclient.gcs_client import GcsClient
 
+    # Every member, for us and (through hello) for our drivers and workers:
+    # a process that starts while the first member is down still finds gcsd.
+    gcs_members = ",".join(conf["gcs"]["members"])
+    gcs = GcsClient(gcs_members, timeout=conf["gcs"]["connect_timeout_s"])
+    try:
+        gcs.ping()  # an unreachable gcsd is a config error: say so before waiting for stored
+    except Exception as exc:
+        listen.close()
+        tcp_listen.close()
+        os.unlink(socket_path)
+        shell.fail(log, f"cannot register with gcsd at {conf.gcs_address}: {exc}")
+        return
     try:
         store_watch, store_address = _watch_store(store_socket,
                                                   conf["gcs"]["connect_timeout_s"])
@@ -99,10 +111,6 @@ def main(argv: list[str] | None = None) -> None:
         os.unlink(socket_path)
         shell.fail(log, f"stored is not serving at {store_socket}: {exc}")
         return
-    # Every member, for us and (through hello) for our drivers and workers:
-    # a process that starts while the first member is down still finds gcsd.
-    gcs_members = ",".join(conf["gcs"]["members"])
-    gcs = GcsClient(gcs_members, timeout=conf["gcs"]["connect_timeout_s"])
     info = {"node_id": node_id, "address": host,
             "raylet_address": f"{host}:{tcp_listen.getsockname()[1]}",
             "store_address": store_address,

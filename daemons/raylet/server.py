@@ -422,9 +422,19 @@ class Raylet:
         self._send(conn, {"r": mfield(msg, "r", int), "ok": True, "node_id": self.node_id,
                           "store_socket": self.store_socket, "gcs_address": self.gcs_address,
                           "store_address": self.store_address,
-                          "resources": self.total.to_dict(), "gpus": self.gpus})
+                          "resources": self.total.to_dict(), "gpus": self.gpus,
+                          **self._keys_for_local_clients(conn)})
         if kind == "worker":
             self._schedule()
+
+    def _keys_for_local_clients(self, conn: _Conn) -> dict[str, Any]:
+        """Where the cluster's keys are, for a driver on this host: it reached
+        us over the Unix socket in a directory only our user can enter, so it
+        may read the (0600) key files of the same user. Never over TCP."""
+        keys = security.current()
+        if keys is None or conn.sock.family != socket.AF_UNIX:
+            return {}
+        return {"keys_dir": keys.directory, "encrypt_bulk": bool(keys.encrypt_bulk)}
 
     def _on_lease(self, conn: _Conn, msg: dict[str, Any]) -> None:
         rid = mfield(msg, "r", int)

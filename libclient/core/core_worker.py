@@ -101,8 +101,14 @@ class CoreWorker:
         self.store_address: str = reply.get("store_address", "")  # for other nodes' pulls
         self.node_gpus: list = reply.get("gpus", [])
 
+        from libclient import security
         from libclient.gcs_client import GcsClient
 
+        if reply.get("keys_dir") and security.current() is None:
+            # A driver joining a keyed cluster on this host: use its keys
+            # (the raylet tells only Unix-socket clients, i.e. this host's user).
+            security.use(security.load(reply["keys_dir"],
+                                       encrypt_bulk=bool(reply.get("encrypt_bulk", True))))
         self.gcs = GcsClient(self.gcs_address, timeout=10.0)
         self._refs = ReferenceTable(self.node_id, self.pid, self.store_address)
         self._me = [self.store_address, self.pid]  # our key as a borrower
