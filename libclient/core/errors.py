@@ -26,11 +26,15 @@ def error_wire_from(exc: BaseException, name: str) -> list:
     exception that cannot be pickled travels as its type name and message.
     """
     tb = traceback.format_exc()
-    err = RayTaskError(name, tb, exc, os.getpid())
+    # A task that lets a nested task's error through: keep the innermost user
+    # error as the cause (so the caller's error is an instance of its class),
+    # while ``tb`` (which ends with the nested error's text) shows every level.
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    err = RayTaskError(name, tb, cause, os.getpid())
     try:
         return serialization.serialize(err, serialization.KIND_ERROR).to_wire()
     except Exception:
-        plain = RayTaskError(name, tb, RayError(f"{type(exc).__name__}: {exc}"), os.getpid())
+        plain = RayTaskError(name, tb, RayError(f"{type(cause).__name__}: {cause}"), os.getpid())
         return serialization.serialize(plain, serialization.KIND_ERROR).to_wire()
 
 
