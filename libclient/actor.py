@@ -16,6 +16,8 @@ from libclient.util.scheduling_strategies import to_wire
 _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "max_task_retries",
                   "max_concurrency", "name", "namespace", "lifetime", "get_if_exists",
                   "memory", "scheduling_strategy", "runtime_env"}
+_ACTOR_OPTIONS |= {"placement_group", "placement_group_bundle_index",  # placement_group options
+                   "placement_group_capture_child_tasks"}
 _NAMES_NS = "actor_names:"
 _ROW_WAIT_S = 2.0  # how long get_actor waits for a just-named actor's row
 
@@ -113,12 +115,13 @@ class ActorClass:
                                  f"{namespace!r}")
         demand = {"CPU": opts.get("num_cpus", 0), "GPU": opts.get("num_gpus", 0),
                   **(opts.get("resources") or {})}
+        demand, strategy, pg = _placement(core, opts, demand)  # placement groups
         spec = {"class_name": meta["class_name"], "name": name or "", "namespace": namespace,
                 "detached": opts.get("lifetime") == "detached",
                 "max_restarts": opts.get("max_restarts", 0),
                 "max_concurrency": opts.get("max_concurrency"), "is_async": meta["is_async"],
                 "meta": {**meta, "max_task_retries": retries},
-                "strategy": to_wire(opts.get("scheduling_strategy"))}
+                "strategy": to_wire(strategy), "pg": pg}
         key = self._key(core)
         if name:
             # Once .remote() returns, the name resolves to this actor, which
@@ -134,6 +137,17 @@ class ActorClass:
         if not name and opts.get("lifetime") != "detached":
             core.actor_scoped_to_handles(actor_id)
         return handle
+
+
+def _placement(core: Any, opts: dict[str, Any], demand: dict) -> tuple[dict, Any, list | None]:
+    """Demand and strategy once a placement group (asked for, or captured) applies."""
+    from libclient.util.placement_group import captured, resolve_strategy, task_demand
+
+    demand, strategy, pg = resolve_strategy(opts, demand)
+    if pg is None and strategy is None and captured(core) is not None:
+        pg = [core.current_pg[0], -1, True]
+        demand = task_demand(demand, pg[0].hex(), -1)
+    return demand, strategy, pg
 
 
 class ActorHandle:

@@ -169,6 +169,8 @@ atexit.register(shutdown)
 # ---------------------------------------------------------------- remote
 _TASK_OPTIONS = {"num_cpus", "num_gpus", "resources", "num_returns", "max_retries",
                  "retry_exceptions", "name", "memory", "scheduling_strategy", "runtime_env"}
+_TASK_OPTIONS |= {"placement_group", "placement_group_bundle_index",  # placement_group options
+                  "placement_group_capture_child_tasks"}
 
 
 def _check_options(opts: dict[str, Any]) -> None:
@@ -214,9 +216,11 @@ class RemoteFunction:
         retries = options.get("max_retries", 3)
         self._retries = 1 << 30 if retries == -1 else retries
         self._rex = options.get("retry_exceptions", False)
+        from libclient.util.placement_group import resolve_strategy  # placement groups
         from libclient.util.scheduling_strategies import to_wire
 
-        self._strategy = to_wire(options.get("scheduling_strategy"))
+        self._demand, strategy, self._pg = resolve_strategy(options, self._demand)
+        self._strategy = to_wire(strategy)
         self.__name__ = getattr(fn, "__name__", "task")
         self.__doc__ = fn.__doc__
 
@@ -241,15 +245,28 @@ class RemoteFunction:
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         core = _require()
+        demand, pg = self._demand, self._pg
+        if pg is None and self._strategy is None and core.current_pg is not None:
+            demand, pg = _in_parent_placement_group(core, demand)
         refs = core.submit(self._key(core), self._name, args, kwargs,
-                           num_returns=self._nret, demand=self._demand,
+                           num_returns=self._nret, demand=demand,
                            max_retries=self._retries, retry_exceptions=self._rex,
-                           strategy=self._strategy)
+                           strategy=self._strategy, extra={"pg": pg} if pg else None)
         return refs[0] if self._nret == 1 else refs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"remote function {self._name} cannot be called directly; "
                         f"use {self.__name__}.remote()")
+
+
+def _in_parent_placement_group(core: CoreWorker, demand: dict) -> tuple[dict, list | None]:
+    """A task started by one that captures child tasks runs in its placement group."""
+    from libclient.util.placement_group import captured, task_demand
+
+    cur = captured(core)
+    if cur is None:
+        return demand, None
+    return task_demand(demand, cur[0].hex(), -1), [cur[0], -1, True]
 
 
 def remote(*args: Any, **options: Any) -> Any:

@@ -562,14 +562,18 @@ class GcsClient:
         self.call("register_node", node_id=node_id, info=info)
 
     def heartbeat(self, node_id: bytes, available: dict[str, float] | None = None,
-                  version: int | None = None) -> None:
+                  version: int | None = None, total: dict[str, float] | None = None) -> None:
         """Report liveness, and free resources if given (one-way).
 
         Without ``available`` gcsd only refreshes the node's timer and
-        publishes nothing; send the map (with its version) when it changed.
+        publishes nothing; send the map (with its version) when it changed,
+        and ``total`` too when that changed (placement-group bundles).
         """
         if available is None:
             self.send_oneway("heartbeat", node_id=node_id)
+        elif total is not None:
+            self.send_oneway("heartbeat", node_id=node_id, available=available,
+                             version=version or 0, total=total)
         else:
             self.send_oneway("heartbeat", node_id=node_id, available=available,
                              version=version or 0)

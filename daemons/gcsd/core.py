@@ -399,6 +399,12 @@ class ControlStore:
         if isinstance(version, int) and not isinstance(version, bool):
             record["version"] = version
         record.update(available=available, last_heartbeat=wall)
+        if "total" in msg:  # the node's total changed (placement-group bundles come and go)
+            total = _field(msg, "total", dict)
+            if not all(isinstance(k, str) and not isinstance(v, bool) and isinstance(v, int | float)
+                       for k, v in total.items()):
+                raise ProtocolError("field 'total' must map resource names to numbers")
+            record["resources"] = total
         return _Effect({}, [Put("nodes", node_id, record)], heard=[node_id])
 
     def _step_unregister_node(self, msg: dict[str, Any], now: float, wall: float) -> _Effect:

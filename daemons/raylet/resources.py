@@ -67,6 +67,13 @@ class ResourceSet:
     def only(self, names: tuple[str, ...]) -> ResourceSet:
         return ResourceSet({k: v for k, v in self._units.items() if k in names})
 
+    def names(self) -> list[str]:
+        return list(self._units)
+
+    def without(self, names: object) -> ResourceSet:
+        """A copy without the resources named in ``names`` (any container)."""
+        return ResourceSet({k: v for k, v in self._units.items() if k not in names})
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ResourceSet) and other._units == self._units
 

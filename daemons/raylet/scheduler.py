@@ -32,6 +32,7 @@ from daemons.raylet.resources import ResourceSet
 
 DEFAULT = "DEFAULT"
 SPREAD = "SPREAD"
+_RETIRED_MAX = 100_000  # removed resource names remembered (a late release adds nothing)
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,7 @@ class LeaseScheduler:
         self._by_client: dict[int, dict[int, None]] = {}
         self._rankings: dict[tuple, _Ranking] = {}
         self._spread_last: NodeId | None = None
+        self._retired: dict[str, None] = {}  # names of resources that left this node
 
     # ---- inputs -----------------------------------------------------------
     def submit(self, request: LeaseRequest) -> Queued | Infeasible:
@@ -351,7 +353,34 @@ class LeaseScheduler:
 
     def release(self, demand: ResourceSet) -> None:
         """Return resources of a lease that ended or a worker that blocked."""
+        if self._retired:
+            retired = self._retired
+            if any(k in retired for k in demand.names()):
+                demand = demand.without(retired)
         self._set_available(self._available + demand)
+
+    def add_resources(self, extra: ResourceSet) -> None:
+        """New resources on this node, free at once (a committed placement-group bundle)."""
+        for name in extra.names():
+            self._retired.pop(name, None)
+        self._total = self._total + extra
+        self._set_available(self._available + extra)
+
+    def remove_resources(self, gone: ResourceSet) -> None:
+        """Resources that leave this node (a returned placement-group bundle's).
+        A name whose total drops to nothing is forgotten, and a lease that
+        still held some and ends later gives it back to nothing."""
+        self._total = self._total - gone
+        self._available = self._available - gone
+        empty = [k for k in gone.names() if self._total.get(k) <= 0]
+        if empty:
+            self._total = self._total.without(empty)
+            self._available = self._available.without(empty)
+            for name in empty:
+                self._retired[name] = None
+            while len(self._retired) > _RETIRED_MAX:
+                del self._retired[next(iter(self._retired))]
+        self._publish(None)
 
     # ---- decisions ----------------------------------------------------------
     def decide(self, now: float) -> list[Decision]:

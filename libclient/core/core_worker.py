@@ -81,6 +81,7 @@ class CoreWorker:
         self._fn_cache: dict[bytes, Any] = {}
         self.current_task_id: bytes | None = None
         self.current_gpus: list[int] = []
+        self.current_pg: list | None = None  # [placement group id, bundle, capture] of this task
         self.current_actor_id: bytes | None = None
         self.job_id = job_id
         self._blocked_depth = 0
@@ -567,14 +568,15 @@ class CoreWorker:
     # ---------------------------------------------------------------- submit
     def submit(self, fn_key: bytes, name: str, args: tuple, kwargs: dict, *,
                num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any,
-               strategy: Any = None) -> list[ObjectRef]:
-        """Submit a normal task; returns its return refs at once."""
+               strategy: Any = None, extra: dict | None = None) -> list[ObjectRef]:
+        """Submit a normal task; returns its return refs at once. ``extra``: more
+        fields for the task message (the placement group it runs in)."""
         # Tasks share leases only with tasks of the same demand and strategy.
         key = None if strategy is None else ("task", *sorted(demand.items()),
                                              ("strategy", strategy_key(strategy)))
         return self._build_call(fn_key, name, args, kwargs, num_returns=num_returns,
                                 demand=demand, max_retries=max_retries,
-                                retry_exceptions=retry_exceptions, key=key, spec=None,
+                                retry_exceptions=retry_exceptions, key=key, spec=extra,
                                 strategy=strategy)
 
     def create_actor(self, actor_id: bytes, cls_key: bytes, class_name: str, args: tuple,

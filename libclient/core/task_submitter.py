@@ -365,6 +365,20 @@ class TaskSubmitter:
                     self._io.send_to(lease.raylet, {"t": "return_lease",
                                                  "lease_id": lease.lease_id, "kill": False})
 
+    def return_idle_leases_of(self, wanted: Callable[[dict], bool]) -> None:
+        """Return at once the idle leases of classes whose demand ``wanted`` picks
+        (a placement group about to be removed: its raylet would kill them)."""
+        for cls in self.classes.values():
+            if cls.queue or not wanted(cls.demand):
+                continue
+            for lease in list(cls.leases):
+                if not lease.inflight and not lease.dead:
+                    lease.dead = True
+                    cls.leases.remove(lease)
+                    self._io.close_conn(lease)
+                    self._io.send_to(lease.raylet, {"t": "return_lease",
+                                                 "lease_id": lease.lease_id, "kill": False})
+
     # --------------------------------------------------------------- cancel
     def cancel_running(self, task: Task, lease: Lease, force: bool) -> None:
         """Interrupt a task running on ``lease`` (already marked cancelled)."""

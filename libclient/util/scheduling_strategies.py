@@ -33,6 +33,32 @@ class NodeAffinitySchedulingStrategy:
             raise ValueError(f"node_id {self.node_id!r} is not a hex node id") from None
 
 
+@dataclass(frozen=True)
+class PlacementGroupSchedulingStrategy:
+    """Run in a placement group: in bundle ``placement_group_bundle_index``, or in
+    any of its bundles (-1). With ``placement_group_capture_child_tasks`` the
+    tasks and actors this one starts run in the group too (any bundle).
+
+    Not a wire strategy: the client rewrites the demand onto the bundle's own
+    resources (libclient.util.placement_group.resolve_strategy), and the
+    ordinary policy then finds the one node that has them.
+    """
+
+    placement_group: Any
+    placement_group_bundle_index: int = -1
+    placement_group_capture_child_tasks: bool | None = None
+
+    def __post_init__(self) -> None:
+        from libclient.util.placement_group import PlacementGroup
+
+        if self.placement_group is not None and not isinstance(self.placement_group,
+                                                               PlacementGroup):
+            raise TypeError("placement_group must be a PlacementGroup (or None)")
+        index = self.placement_group_bundle_index
+        if isinstance(index, bool) or not isinstance(index, int) or index < -1:
+            raise ValueError(f"placement_group_bundle_index must be an int >= -1, got {index!r}")
+
+
 def to_wire(strategy: Any) -> Any:
     """The msgpack form a lease request carries (None for the default)."""
     if strategy is None or strategy == "DEFAULT":
@@ -41,5 +67,8 @@ def to_wire(strategy: Any) -> Any:
         return "SPREAD"
     if isinstance(strategy, NodeAffinitySchedulingStrategy):
         return {"node_id": bytes.fromhex(strategy.node_id), "soft": bool(strategy.soft)}
-    raise ValueError(f"unknown scheduling_strategy {strategy!r}: use 'DEFAULT', 'SPREAD' or "
-                     "NodeAffinitySchedulingStrategy")
+    if isinstance(strategy, PlacementGroupSchedulingStrategy):
+        raise ValueError("a PlacementGroupSchedulingStrategy is applied by the client "
+                         "(placement_group.resolve_strategy), not sent as is")
+    raise ValueError(f"unknown scheduling_strategy {strategy!r}: use 'DEFAULT', 'SPREAD', "
+                     "NodeAffinitySchedulingStrategy or PlacementGroupSchedulingStrategy")
