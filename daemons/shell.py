@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from daemons import sdnotify
-from libclient import hostconfig, logs
+from libclient import hostconfig, logs, peer_guard
 from libclient.hostconfig import ConfigError, HostConfig
 
 __all__ = ["ConfigError", "HostConfig", "StopFlag", "add_config_flags", "bind_unix",
@@ -50,10 +50,18 @@ def load_config(path: str | None, section: str) -> dict[str, Any]:
 
 
 def private_dir(path: str) -> None:
-    """Create ``path`` (mode 0700) or check that only its owner can reach it."""
+    """Create ``path`` (mode 0700) or check that only its owner can reach it.
+
+    Raises:
+        PermissionError: ``path`` is shared (sticky, like /tmp) or another
+            user's and open to others: we would not chmod it, nor trust it.
+    """
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.stat(path)
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if st.st_mode & stat.S_ISVTX or st.st_uid != os.getuid():
+            raise PermissionError(13, f"{path} is shared (mode {stat.S_IMODE(st.st_mode):o}, "
+                                      f"owner uid {st.st_uid}); use a directory of its own")
         os.chmod(path, 0o700)
 
 
@@ -63,7 +71,7 @@ def bind_unix(path: str, backlog: int = 512) -> socket.socket:
     A stale socket file (nobody accepting) is replaced; a live one is an error,
     so two daemons never fight over one path.
     """
-    private_dir(os.path.dirname(os.path.abspath(path)))
+    peer_guard.secure_dir(os.path.dirname(os.path.abspath(path)))
     if os.path.exists(path):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -76,7 +84,7 @@ def bind_unix(path: str, backlog: int = 512) -> socket.socket:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(path)
-    os.chmod(path, 0o600)
+    peer_guard.secure_socket(path)  # 0600, or 0660 with [security] allowed_group
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
@@ -132,12 +140,18 @@ def resolve_config(ns: argparse.Namespace, flags: Mapping[str, Any]) -> HostConf
 def use_keys(sec: Mapping[str, Any], log: Any) -> Any:
     """Load the cluster keys ``[security]`` names and put them in force here and
     in the children we start (through the environment); None if it names none.
+    Also puts ``[security] allowed_group`` (local socket access) in force.
 
     Raises:
         ConfigError: the keys are missing, malformed or readable by others.
     """
     from libclient import security
 
+    try:  # who may use our Unix sockets; workers we start inherit it
+        peer_guard.configure(sec.get("allowed_group"))
+        peer_guard.configure_limits(sec.get("max_frame"), sec.get("max_connections"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     keys_dir, encrypt = sec.get("keys_dir"), bool(sec.get("encrypt_bulk", True))
     if not keys_dir:  # the *_started line says so (security_summary)
         security.use(None)
@@ -197,7 +211,7 @@ def check_socket_dir(path: str) -> None:
     """
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        private_dir(directory)
+        peer_guard.secure_dir(directory)
         if not os.access(directory, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as exc:

@@ -28,10 +28,11 @@ from libclient.api import (
     wait,
 )
 from libclient.object_ref import ObjectRef
+from libclient.util.timeline import timeline
 
 __all__ = [
     "ActorClass", "ActorHandle", "ObjectRef", "get_actor", "kill", "method", "available_resources", "cancel", "cluster_resources", "exceptions", "get",
     "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote",
-    "shutdown", "wait",
+    "shutdown", "wait", "timeline",
 ]
 __version__ = "0.1.0"

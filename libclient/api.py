@@ -18,6 +18,7 @@ from libclient.object_ref import ObjectRef
 _core: CoreWorker | None = None
 _cluster: Any = None
 _namespace: str | None = None
+_printer: Any = None  # prints workers' output (log_to_driver)
 _init_lock = threading.Lock()
 
 _AUTO_PATHS = ("/run/shoal/raylet.sock",)
@@ -87,18 +88,21 @@ def _local_raylet(gcs_address: str) -> str:
 def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict[str, float] | None = None,
          namespace: str | None = None, object_store_memory: int | None = None,
-         ignore_reinit_error: bool = False, **_ignored: Any) -> dict[str, Any]:
+         ignore_reinit_error: bool = False, log_to_driver: bool = True,
+         **_ignored: Any) -> dict[str, Any]:
     """Connect to a node, or start an embedded single-node cluster.
 
     Args:
         address: a raylet socket path, or "auto"; None starts an embedded cluster
             (unless SHOAL_ADDRESS is set).
+        log_to_driver: print workers' stdout and stderr here, prefixed
+            ``(name pid=..., ip=...)`` as Ray does (libclient/worker_output.py).
     Returns:
         A dict describing the connection (node id, session dir, gcs address).
     Raises:
         RuntimeError: if already initialized and ignore_reinit_error is False.
     """
-    global _core, _cluster, _namespace
+    global _core, _cluster, _namespace, _printer
     with _init_lock:
         if _core is not None:
             if ignore_reinit_error:
@@ -131,7 +135,13 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
         _core.gcs.table_put("jobs", _core.job_id.to_bytes(4, "big"),
                             {"job_id": _core.job_id, "driver_pid": os.getpid(),
                              "namespace": namespace or "", "node_id": _core.node_id,
-                             "state": "RUNNING"})
+                             "state": "RUNNING", "driver_store": _core.store_address,
+                             "log_to_driver": bool(log_to_driver)})
+        if log_to_driver:  # workers' output for this job (worker_output.py)
+            from libclient.worker_output import DriverPrinter
+
+            _printer = DriverPrinter()
+            _core.log_sink = _printer.on_log
         return _context_info()
 
 
@@ -146,9 +156,12 @@ def _context_info() -> dict[str, Any]:
 
 def shutdown() -> None:
     """Disconnect; stop the embedded cluster if this process started one."""
-    global _core, _cluster
+    global _core, _cluster, _printer
     with _init_lock:
         core, _core = _core, None
+        printer, _printer = _printer, None
+        if printer is not None:  # what arrived so far is printed
+            printer.stop()
         if core is not None and core.kind == "driver":
             try:
                 core.gcs.table_put("jobs", core.job_id.to_bytes(4, "big"),

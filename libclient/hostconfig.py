@@ -269,6 +269,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                      "between hosts are neither authenticated nor encrypted"),
         "encrypt_bulk": Key(_bool, True, "encrypt stored-to-stored transfers; false: "
                                          "authenticate only (HMAC), for trusted networks"),
+        "allowed_group": Key(_string, None, "local group whose users may use this node's "
+                                            "Unix sockets besides the daemons' user and root "
+                                            "(runtime dir then 0750, sockets 0660)"),
+        "max_frame": Key(_bytes(1024), None, "largest message a daemon or worker reads "
+                                             "(default 64M; stored: at most 16M)"),
+        "max_connections": Key(_int(1, 1 << 20), None, "connections each listening socket "
+                                                       "serves at once (default 4096)"),
     },
 }
 

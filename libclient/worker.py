@@ -57,9 +57,25 @@ class TaskRunner:
         self.cancelled: set[bytes] = set()
         self.running: bytes | None = None
         self.actor: Any = None  # an ActorHost once this worker hosts an actor
+        # (task id, message, start, actor id) of the tracked run, for RUNNING events
+        self.running_info: tuple | None = None
+        core.running_probe = self._running_now
+        self.output: Any = None  # the OutputCapture routing our stdout/stderr to drivers
         self.log: Any = logs.configure("worker", core.node_id.hex())
         signal.signal(signal.SIGINT, self._on_sigint)
         core.tell_submitter = self._tell_blocked
+
+    def _output_context(self, msg: dict) -> None:
+        """Whose output follows: Ray prefixes an actor's lines with its class name."""
+        name = msg.get("name", "?")
+        if self.core.current_actor_id is not None:
+            name = name.partition(".")[0]
+        self.output.set_context(msg.get("job", self.core.job_id), name)
+
+    def _running_now(self) -> tuple | None:
+        """What this worker runs now, if anything (read by the I/O thread)."""
+        info = self.running_info
+        return info if info is not None and self.running == info[0] else None
 
     def _tell_blocked(self, blocked: bool) -> None:
         """Our task waits in get (or stopped waiting): tell the lease holder, so it
@@ -168,8 +184,15 @@ class TaskRunner:
         return self.execute(msg, fn)
 
     def execute(self, msg: dict, fn: Any, track: bool = True) -> dict:
-        """Run a task or actor method; the reply also lists the refs we still borrow."""
+        """Run a task or actor method; the reply also lists the refs we still borrow
+        and when the run began (``t0``, wall clock: a task event for the owner)."""
+        t0 = time.time()
+        if track:
+            self.running_info = (msg["tid"], msg, t0, self.core.current_actor_id)
+        if self.output is not None:
+            self._output_context(msg)
         reply = self._execute(msg, fn, track)
+        reply["t0"] = t0
         brw = self.core.borrow_report()
         if brw:
             reply["brw"] = brw
@@ -202,6 +225,7 @@ class TaskRunner:
                     args, kwargs = self._args(msg)
                 except Exception as exc:
                     return self._arg_error(tid, name, nret, exc, start)
+                fetched = time.perf_counter() - start if "deps" in msg else 0.0
                 result = fn(*args, **kwargs)
             finally:
                 if track:
@@ -212,11 +236,18 @@ class TaskRunner:
             return self._error(tid, name, nret, TaskCancelledError(f"task {name} was cancelled"), start)
         except Exception as exc:
             return self._raised(msg, exc, start)
-        return self.finish(msg, result, start)
+        reply = self.finish(msg, result, start)
+        if fetched:
+            reply["af"] = fetched
+        return reply
 
     async def execute_async(self, msg: dict, fn: Any) -> dict:
         """The same for an async actor's method: await it on the actor's loop."""
+        t0 = time.time()
+        if self.output is not None:
+            self._output_context(msg)
         reply = await self._execute_async(msg, fn)
+        reply["t0"] = t0
         brw = self.core.borrow_report()
         if brw:
             reply["brw"] = brw
@@ -400,7 +431,13 @@ def main(argv: list[str] | None = None) -> None:
                                        exc_info=True)
         sys.exit(1)
     api._attach_worker(core)
+    from libclient.worker_output import OutputCapture
+
+    capture = OutputCapture(core)  # stdout/stderr to the drivers (log_to_driver)
+    log_stream = capture.install()
     runner = TaskRunner(core)
+    runner.output = capture
+    runner.log = logs.configure("worker", core.node_id.hex(), stream=log_stream)
     # Holders on this node connect to the Unix socket; holders and callers on
     # other nodes to the TCP port the raylet opened for us.
     tcp = [socket.socket(fileno=ns.tcp_fd)] if ns.tcp_fd is not None else []

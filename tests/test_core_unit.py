@@ -249,7 +249,7 @@ def test_task_rows_carry_the_whole_spec_with_each_state():
     m.add(task)
     assert m.get(task.tid) is task
     first = m.take_events()
-    assert first == {task.tid: {**task.event, "state": "PENDING"}}
+    assert first == {task.tid: {**task.event, "state": "PENDING_ARGS_AVAIL"}}
     m.mark(task, "RUNNING")
     m.done(task, "FINISHED")
     (row,) = m.take_events().values()

@@ -60,8 +60,9 @@ _START_BACKOFF_S = 5.0
 # the others park the rest (RESTARTING on no node) only after this delay.
 _PARK_DELAY_S = 1.0
 _CPU = ("CPU",)
-# What ``to_pid`` may carry: notices between owners and borrowers, nothing else.
-_NOTICES = frozenset({"ref_removed", "add_borrower"})
+# What ``to_pid`` may carry: notices between owners and borrowers, and "log" (a
+# worker's stdout/stderr for its job's driver, worker_output.py); nothing else.
+_NOTICES = frozenset({"ref_removed", "add_borrower", "log"})
 
 
 @dataclass(eq=False)

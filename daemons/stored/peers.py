@@ -62,7 +62,7 @@ from daemons.stored.pull import (
     WatchLocal,
 )
 from daemons.stored.store import SEALED, ObjectTable, Reply
-from libclient import security
+from libclient import peer_policy, security
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 LISTEN_KEY = "transfer_listen"
@@ -84,6 +84,11 @@ def _peer_name(addr: Any) -> str:
         host = addr[0]
         return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
     return str(addr)
+
+
+def _host(peer: str) -> str:
+    """The host part of a ``_peer_name``: the key peers are logged by."""
+    return peer.rpartition(":")[0] or peer
 
 
 def _tune(sock: socket.socket) -> None:
@@ -191,6 +196,9 @@ class TransferShell:
         # it may have moved earlier), so turns that have nothing due skip tick.
         self._tick_at: float | None = None
         self.counters = {"stats": 0, "reads": 0, "bytes": 0, "not_found": 0, "refused": 0}
+        # Refusals, bad requests and cut-offs: logged once per peer host (then
+        # at its 10th, 100th, ...), so a hostile peer cannot flood the log.
+        self._limit_log = peer_policy.LogOncePerPeer()
         listen.setblocking(False)
         table.connect(PULLER)
         sel.register(listen, selectors.EVENT_READ, LISTEN_KEY)
@@ -550,7 +558,9 @@ class TransferShell:
             peer = _peer_name(addr)
             if len(self._served) >= MAX_SERVED:
                 self.counters["refused"] += 1
-                self.log.warning("transfer_peer_refused", peer=peer, served=len(self._served))
+                if self._limit_log.should_log(_host(peer), "refused"):
+                    self.log.warning("transfer_peer_refused", peer=peer, served=len(self._served),
+                                     times=self._limit_log.count(_host(peer), "refused"))
                 sock.close()
                 continue
             _tune(sock)
@@ -591,8 +601,10 @@ class TransferShell:
         try:
             req = transfer.parse_request(msg)
         except ProtocolError as exc:
-            self.log.warning("transfer_bad_request", peer=s.peer, t=str(msg.get("t")),
-                             error=str(exc))
+            if self._limit_log.should_log(_host(s.peer), "bad_request"):
+                self.log.warning("transfer_bad_request", peer=s.peer, t=str(msg.get("t")),
+                                 error=str(exc),
+                                 times=self._limit_log.count(_host(s.peer), "bad_request"))
             self._queue(s, transfer.error_msg(request_id(msg), "bad_request", str(exc)))
             return
         s.spoke = True
@@ -728,7 +740,7 @@ class TransferShell:
         unsent = s.out_bytes
         s.out.clear()  # drops the views of the arena
         dropped = self.table.disconnect(s.cid)
-        if quiet:
+        if quiet or not self._limit_log.should_log(_host(s.peer), "closed"):
             self.log.debug("transfer_peer_closed", peer=s.peer, reason=reason)
         else:
             self.log.warning("transfer_peer_closed", peer=s.peer, reason=reason,

@@ -34,6 +34,7 @@ from daemons.stored import messages
 from daemons.stored.peers import TransferShell
 from daemons.stored.spill_io import SpillFiles
 from daemons.stored.store import ObjectTable, Reply
+from libclient import peer_guard, peer_policy
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 # Control frames to stored are tiny (a get of 10k ids is ~300 KiB); 16 MiB is
@@ -57,12 +58,13 @@ _DISK_CHECK_S = 1.0
 class _Conn:
     """One client connection: its decoder and its unsent output."""
 
-    __slots__ = ("sock", "cid", "decoder", "out", "out_bytes", "mask", "pid", "name")
+    __slots__ = ("sock", "cid", "decoder", "out", "out_bytes", "mask", "pid", "name", "peer_pid")
 
-    def __init__(self, sock: socket.socket, cid: int) -> None:
+    def __init__(self, sock: socket.socket, cid: int, max_frame: int = MAX_FRAME) -> None:
         self.sock = sock
         self.cid = cid
-        self.decoder = FrameDecoder(MAX_FRAME)
+        self.decoder = FrameDecoder(max_frame)
+        self.peer_pid = 0  # SO_PEERCRED's pid (hello's pid may say anything)
         # Chunks of [bytearray, fds]; fds ride on the first byte of their chunk.
         self.out: collections.deque[list[Any]] = collections.deque()
         self.out_bytes = 0
@@ -102,6 +104,11 @@ class StoreServer:
         self.clock = clock
         self.conns: dict[int, _Conn] = {}
         self._next_cid = 0
+        # Who may connect (SO_PEERCRED), how many at once, how big a frame.
+        self.gate = peer_guard.LocalGate(log, "stored")
+        self.limits = peer_guard.limits()
+        self.max_frame = min(MAX_FRAME, self.limits.max_frame)
+        self._limit_log = peer_policy.LogOncePerPeer()
         self._dirty: set[_Conn] = set()
         self.sel.register(listen, selectors.EVENT_READ, _LISTEN)
         self.node_id = node_id
@@ -204,9 +211,21 @@ class StoreServer:
             except OSError as exc:  # EMFILE and friends: keep serving the others
                 self.log.warning("accept_failed", error=str(exc))
                 return
+            cred = self.gate.admit(sock)
+            if cred is None:
+                continue
+            if not self.limits.admit(len(self.conns)):
+                sock.close()
+                if self._limit_log.should_log(cred.uid, "cap"):
+                    self.log.warning("connection_refused", peer_pid=cred.pid, peer_uid=cred.uid,
+                                     reason=f"at the cap of {self.limits.max_connections} "
+                                            "connections",
+                                     times=self._limit_log.count(cred.uid, "cap"))
+                continue
             sock.setblocking(False)
             self._next_cid += 1
-            conn = _Conn(sock, self._next_cid)
+            conn = _Conn(sock, self._next_cid, self.max_frame)
+            conn.peer_pid = cred.pid
             self.conns[conn.cid] = conn
             self.table.connect(conn.cid)
             conn.mask = selectors.EVENT_READ
@@ -298,7 +317,9 @@ class StoreServer:
 
     def _protocol_failure(self, conn: _Conn, error: str) -> None:
         """The stream lost its framing: say why (best effort) and close it."""
-        self.log.warning("protocol_error", client=conn.cid, client_pid=conn.pid, error=error)
+        if self._limit_log.should_log(conn.peer_pid, "protocol"):  # once per peer process
+            self.log.warning("protocol_error", client=conn.cid, client_pid=conn.peer_pid,
+                             error=error, times=self._limit_log.count(conn.peer_pid, "protocol"))
         try:
             conn.sock.send(pack({"t": "reply", "r": None, "ok": False, "error": "protocol",
                                  "msg": error}))

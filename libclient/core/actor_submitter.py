@@ -234,7 +234,7 @@ class ActorSubmitter:
                 continue
             task.lease = a
             a.inflight[task.tid] = task
-            self._tasks.mark(task, "RUNNING")
+            self._tasks.mark(task, "SUBMITTED_TO_WORKER")
             self._io.write(a, pack(task.msg))
 
     def _connect(self, a: ActorConn) -> None:

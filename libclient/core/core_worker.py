@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 from libclient import object_ref, serialization
-from libclient.core import task_manager
+from libclient.core import task_events, task_manager
 from libclient.core.actor_submitter import ActorConn, ActorSubmitter
 from libclient.core.errors import error_wire
 from libclient.core.io_loop import Conn, IoLoop, RemoteRaylet
@@ -63,6 +63,7 @@ from libclient.object_ref import ObjectRef
 from libclient.protocol import Connection
 
 EVENT_FLUSH_S = 0.2
+_TASK_TYPES = {"task": "NORMAL_TASK", "actor": "ACTOR_TASK", "create": "ACTOR_CREATION_TASK"}
 
 
 class CoreWorker:
@@ -119,7 +120,12 @@ class CoreWorker:
         if kind == "driver" and not job_id:
             self.job_id = self.gcs.next_job_id()
 
-        self._tasks = TaskManager()
+        self._tasks = TaskManager(clock=time.time)
+        # Task events (task_events.py): a worker's probe of the task it runs now.
+        self.running_probe: Any = None
+        self._running_reported: bytes | None = None
+        self._next_running_check = 0.0
+        self.log_sink: Any = None  # a driver's printer of workers' output (log_to_driver)
         self._io = IoLoop(self._lock, conn, {"t": "hello", "kind": "remote", "pid": self.pid,
                                              "r": 0, "worker_id": self.worker_id})
         self._io.exit_on_raylet_loss = kind == "worker"
@@ -220,7 +226,7 @@ class CoreWorker:
         if freed:
             self._store.free(freed)
         task.deps, task.args_hold, task.unresolved = deps, nested, 0
-        self._tasks.mark(task, "PENDING")
+        self._tasks.mark(task, "PENDING_ARGS_AVAIL")
         for ref in [r for _, r in deps] + nested:
             dep = self._refs.owned.get(ref._id)
             if dep is not None and dep.state == RELEASED:
@@ -310,6 +316,9 @@ class CoreWorker:
                             self._drop(item[0], entry)
         elif t == "add_borrower":
             self._on_borrows(msg.get("items"))
+        elif t == "log":  # a worker's output for this driver (worker_output.py)
+            if self.log_sink is not None:
+                self.log_sink(msg)
         elif t == "pid_status":
             key = (msg.get("store"), msg.get("pid"))
             if not msg.get("alive"):
@@ -317,6 +326,12 @@ class CoreWorker:
             if key in self._asked:
                 self._asked[key] = bool(msg.get("alive"))
                 self._cv.notify_all()
+
+    def send_notice(self, dest: Any, msg: dict) -> None:
+        """Give ``msg`` to process ``dest`` = (store address, pid) on any node,
+        through that node's raylet (worker output to a driver, say)."""
+        with self._lock:
+            self._notices.send((dest[0], dest[1]), msg)
 
     def process_alive(self, store_address: str, pid: int, timeout: float = 2.0) -> bool:
         """Is process ``pid`` on the node of ``store_address`` alive? Asks that
@@ -652,7 +667,10 @@ class CoreWorker:
                 self._refs.add(oid)
                 out.append(ObjectRef(oid, self.pid, self.store_address))
             event = {"name": name, "fn": fn_key, "job": self.job_id, "nret": num_returns,
-                     "deps": [r._id for _, r in deps], "owner_pid": self.pid}
+                     "deps": [r._id for _, r in deps], "owner_pid": self.pid,
+                     "owner_node": self.node_id, "type": _TASK_TYPES.get(key[0], "NORMAL_TASK")}
+            if key[0] != "task":
+                event["actor_id"] = key[1]
             task = Task(tid, key, demand, msg, deps, return_ids, max_retries, name, refs, event)
             if payload is not _EMPTY_ARGS:  # inline arguments: what keeping the spec costs
                 task.size += len(payload[1]) + sum(len(b) for b in payload[2])
@@ -853,6 +871,8 @@ class CoreWorker:
                 if isinstance(item, list) and len(item) == 2 and isinstance(item[0], int) \
                         and 0 <= item[0] < len(task.return_ids):
                     self._on_nested(owned.get(task.return_ids[item[0]]), item[1])
+        if "t0" in msg:
+            self._tasks.annotate(task, task_events.where_it_ran(msg, conn, self.node_id))
         rets = msg.get("rets") or []
         for oid, ret in zip(task.return_ids, rets, strict=False):
             entry = owned.get(oid)
@@ -882,7 +902,7 @@ class CoreWorker:
         if entry is None or entry.buf is not None or self._rebuild(lost) is not None:
             return False  # not ours, here all along, or beyond rebuilding
         task.lease = None
-        self._tasks.mark(task, "PENDING")
+        self._tasks.mark(task, "PENDING_ARGS_AVAIL")
         self._refs.wait_for_args(task)
         if kind == "actor":
             # Back at the head of the actor's queue: it (and the calls after
@@ -964,7 +984,30 @@ class CoreWorker:
             if self._tasks.events or self._refs.object_events:
                 self._flush_events()
             self._last_flush = time.monotonic()
+        if self.running_probe is not None and now >= self._next_running_check:
+            self._next_running_check = now + task_events.RUNNING_CHECK_S
+            self._report_running()
         self._store.flush_releases()
+
+    def flush_task_events(self) -> None:
+        """Send the task and object rows owed to gcsd now (the timeline and state
+        API read them; normally they go every 200 ms)."""
+        with self._lock:
+            self._flush_events()
+
+    def _report_running(self) -> None:
+        """A task has run here for a while: write its RUNNING row (once per task),
+        so the state API shows it before its owner hears it finished."""
+        row = task_events.running_row(self.running_probe(), self._running_reported,
+                                      time.time(), self.pid, self.worker_id, self.node_id)
+        if row is None:
+            return
+        key, value = row
+        self._running_reported = key[:16]
+        try:
+            self.gcs.put_batch("tasks", [[key, value]], wait=False)
+        except Exception:
+            pass  # best-effort, like every task event
 
     def _flush_events(self) -> None:
         """Send task states and object locations to gcsd in one batch each.

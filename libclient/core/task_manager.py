@@ -8,11 +8,15 @@ task id (the first 16 bytes of each of its return ids), so a return ref leads
 back to its task.
 
 *Lineage record.* Each task keeps its spec (name, function, job, number of
-returns, argument ids, owner) as ``event``. Every state change (PENDING,
-RUNNING, FINISHED, FAILED) queues the whole row with the new state for
-gcsd's ``tasks`` table; the core worker sends the queue in one batch every
-200 ms. A batch entry replaces the row, so each carries the full spec: this
-is the record later issues reconstruct lost objects from.
+returns, argument ids, owner) as ``event``. Every state change (Ray's
+PENDING_ARGS_AVAIL, PENDING_NODE_ASSIGNMENT, SUBMITTED_TO_WORKER, FINISHED,
+FAILED) queues the whole row with the new state for gcsd's ``tasks`` table;
+the core worker sends the queue in one batch every 200 ms. A batch entry
+replaces the row, so each carries the full spec: this is the record later
+issues reconstruct lost objects from. The row also keeps when it first
+entered each state (``times``, from the injected clock) and, once a worker
+answered, where and when it ran (``exec``): the state API and the timeline
+read these (libclient/util/state.py).
 
 *Outcomes.* A worker's reply, or the loss of the connection a task ran on,
 becomes one decision: RETRY (the caller requeues it), CANCELLED, FINISHED or
@@ -83,7 +87,9 @@ class Task:
 class TaskManager:
     """Pending tasks by id, and the task rows owed to gcsd."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = None) -> None:
+        # Wall clock for the rows' state times (injected: this module reads no clock).
+        self.clock = clock if clock is not None else _no_clock
         self.pending: dict[bytes, Task] = {}
         self.events: dict[bytes, dict] = {}  # task id -> latest row, for gcsd
         self.lineage: dict[bytes, Task] = {}  # finished tasks kept to rebuild returns
@@ -94,7 +100,7 @@ class TaskManager:
 
     def add(self, task: Task) -> None:
         self.pending[task.tid] = task
-        self.mark(task, "PENDING")
+        self.mark(task, "PENDING_ARGS_AVAIL")
 
     def get(self, tid: bytes) -> Task | None:
         return self.pending.get(tid)
@@ -105,6 +111,18 @@ class TaskManager:
         if ev is None:
             ev = self.events[task.tid] = dict(task.event)
         ev["state"] = state
+        times = task.event.get("times")
+        if times is None:
+            times = task.event["times"] = ev["times"] = {}
+        if state not in times:  # first entry into a state (a retry keeps the first)
+            times[state] = self.clock()
+
+    def annotate(self, task: Task, fields: dict) -> None:
+        """Add fields to the task's row (where it ran, say), queued or not."""
+        task.event.update(fields)
+        ev = self.events.get(task.tid)
+        if ev is not None:
+            ev.update(fields)
 
     def take_events(self) -> dict[bytes, dict]:
         events, self.events = self.events, {}
@@ -196,8 +214,12 @@ class TaskManager:
         self.forget(tid)
         task.cancelled = False
         self.pending[tid] = task
-        self.mark(task, "PENDING")
+        self.mark(task, "PENDING_ARGS_AVAIL")
         return task
+
+
+def _no_clock() -> float:
+    return 0.0
 
 
 def _spend(task: Task) -> None:

@@ -152,6 +152,7 @@ class TaskSubmitter:
         if cls is None:
             cls = self.classes[task.key] = SchedulingClass(
                 task.key, task.demand, strategy or self._strategies.pop(task.key, None))
+        self._tasks.mark(task, "PENDING_NODE_ASSIGNMENT")
         cls.queue.append(task)
         self.pump(cls)
 
@@ -206,7 +207,7 @@ class TaskSubmitter:
         lease.inflight[task.tid] = task
         if lease.gpus:
             task.msg["gpus"] = lease.gpus
-        self._tasks.mark(task, "RUNNING")
+        self._tasks.mark(task, "SUBMITTED_TO_WORKER")
         self._io.write(lease, pack(task.msg))
 
     def _request_lease(self, cls: SchedulingClass) -> None:
