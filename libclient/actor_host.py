@@ -71,6 +71,7 @@ class ActorHost:
         core = runner.core
         core.job_id = spec.get("job", 0)
         core.current_actor_id = spec["actor_id"]
+        core.current_pg = spec.get("pg")  # placement group of this actor, if any
         gpus = msg.get("gpus")
         if gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)

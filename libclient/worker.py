@@ -170,6 +170,7 @@ class TaskRunner:
         """Run one task message; return its ``done`` reply."""
         core = self.core
         core.job_id = msg.get("job", 0)
+        core.current_pg = msg.get("pg")  # placement group of this task, if any
         gpus = msg.get("gpus")
         if gpus is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)

@@ -32,6 +32,7 @@ from daemons.raylet import actor_failover
 from daemons.raylet import actors as actor_states
 from daemons.raylet.actors import ActorDirectory, ActorRecord, Dead, Restart
 from daemons.raylet.cluster_view import ClusterView
+from daemons.raylet.placement_shell import PlacementService
 from daemons.raylet.resources import GpuInstances, ResourceSet
 from daemons.raylet.scheduler import (
     DEFAULT,
@@ -160,6 +161,8 @@ class Raylet:
         # reason instead of waiting forever, and restarts back off.
         self._start_failures = 0
         self._no_starts_until = 0.0
+        # Placement groups: coordinator of those created here, host of bundles.
+        self.placement = PlacementService(self)
 
     # ---- lifecycle -------------------------------------------------------
     def start_workers(self) -> None:
@@ -218,6 +221,7 @@ class Raylet:
         for conn in list(self.conns.values()):
             self._close(conn, "raylet stopping")
         self.pool.stop_all()
+        self.placement.close()  # placement groups: peer links
         self.sel.close()
         self.listen.close()
         if self.tcp_listen is not None:
@@ -318,6 +322,7 @@ class Raylet:
         if not self.stopping:
             for record in self.actors.owner_gone(conn.cid):
                 self._kill_actor(record)
+            self.placement.owner_gone(conn.cid)  # its placement groups end with it
         # A holder that vanished may have left tasks running: kill its workers.
         for lease_id in list(conn.leases):
             self._end_lease(lease_id, kill=True)
@@ -378,6 +383,8 @@ class Raylet:
             self._send(conn, {"r": mfield(msg, "r", int), "ok": True})
         elif t == "to_pid":
             self._on_to_pid(conn, msg)
+        elif t.startswith("pg_"):
+            self.placement.on_message(conn, msg)  # placement groups
         else:
             raise ProtocolError(f"unknown message type {t!r}")
 
@@ -935,6 +942,7 @@ class Raylet:
         for worker in self.pool.reap():
             self._worker_gone(worker)
         self._refill()
+        self.placement.tick()  # placement groups: peer replies, pending groups
         if self.gcs is not None:
             now = time.monotonic()
             self._report(now)
@@ -953,7 +961,8 @@ class Raylet:
         try:
             if available != self._reported and now - self._last_report >= _REPORT_S:
                 self._report_version += 1
-                self.gcs.heartbeat(self.node_id, available, self._report_version)
+                self.gcs.heartbeat(self.node_id, available, self._report_version,
+                                   total=self.placement.total_if_changed())  # placement bundles
                 self._reported = available
                 self._last_report = self._last_heartbeat = now
             elif now - self._last_heartbeat >= _HEARTBEAT_S:
@@ -1012,6 +1021,9 @@ class Raylet:
             self.cluster_nodes[node_id] = row
             for record in self.actors.owner_node_died(node_id):
                 self._kill_actor(record)
+            if node_id in self.view:
+                self.view.mark_dead(node_id)
+            self.placement.node_dead(node_id)  # placement groups: reschedule its bundles
             self._schedule_sweeps()
         elif old is None and row.get("state") == "ALIVE" and node_id != self.node_id:
             self.log.info("node_joined", node=node_id.hex(),
