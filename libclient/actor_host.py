@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from libclient import security, serialization, spin
+from libclient import peer_guard, security, serialization, spin
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 _DEFAULT_ASYNC_CONCURRENCY = 1000
@@ -34,7 +34,7 @@ class _Caller:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(peer_guard.limits().max_frame)
         self.lock = threading.Lock()
 
     def reply(self, msg: dict) -> None:
@@ -109,6 +109,8 @@ class ActorHost:
         sel = selectors.DefaultSelector()
         for lsock in (listen, *more):
             sel.register(lsock, selectors.EVENT_READ, None)
+        # Local callers must be our uid (or the allowed group): SO_PEERCRED.
+        gate, cap = peer_guard.LocalGate(self.runner.log, "actor"), peer_guard.limits()
         # A plain sync actor runs calls in this thread, so it may spin for the
         # next one; async and threaded actors must leave the GIL to their workers.
         wait = spin.wait_selector if not self.is_async and self._pool is None else _block
@@ -118,6 +120,11 @@ class ActorHost:
                     try:
                         sock, _ = key.fileobj.accept()  # type: ignore[union-attr]
                     except OSError:
+                        continue
+                    if gate.admit(sock) is None:
+                        continue
+                    if not cap.admit(len(sel.get_map()) - 1 - len(more)):
+                        sock.close()  # at the cap: the callers we serve come first
                         continue
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
                     if sock.family != socket.AF_UNIX:

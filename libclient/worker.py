@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from libclient import api, logs, security, serialization, spin
+from libclient import api, logs, peer_guard, security, serialization, spin
 from libclient.core import CoreWorker, error_wire_from
 from libclient.exceptions import ObjectLostError, RaySystemError, TaskCancelledError
 from libclient.object_ref import ObjectRef
@@ -133,7 +133,7 @@ class TaskRunner:
 
     def serve(self, conn: socket.socket) -> None:
         self.conn = conn
-        self.decoder = FrameDecoder()
+        self.decoder = FrameDecoder(peer_guard.limits().max_frame)
         self.backlog.clear()
         self.cancelled.clear()
         try:
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError:
         pass
     listen.bind(ns.socket)
-    os.chmod(ns.socket, 0o600)
+    peer_guard.secure_socket(ns.socket)  # 0600 (0660 with [security] allowed_group)
     listen.listen(8)
     try:
         core = CoreWorker(ns.raylet, kind="worker", worker_id=bytes.fromhex(ns.worker_id))
@@ -442,10 +442,11 @@ def main(argv: list[str] | None = None) -> None:
     # Holders on this node connect to the Unix socket; holders and callers on
     # other nodes to the TCP port the raylet opened for us.
     tcp = [socket.socket(fileno=ns.tcp_fd)] if ns.tcp_fd is not None else []
+    gate = peer_guard.LocalGate(runner.log, "worker")  # SO_PEERCRED on local holders
     try:
         while runner.actor is None or runner.actor.instance is None:
             try:
-                conn = _accept_one([listen, *tcp])
+                conn = _accept_one([listen, *tcp], gate)
             except security.AuthError as exc:
                 runner.log.warning("auth_failed", error=str(exc))
                 continue
@@ -462,16 +463,20 @@ def main(argv: list[str] | None = None) -> None:
             pass
 
 
-def _accept_one(listeners: list[socket.socket]) -> socket.socket:
-    """The next holder connection on any of our listening sockets."""
-    if len(listeners) == 1:
-        conn, _ = listeners[0].accept()
-    else:
-        with selectors.DefaultSelector() as sel:
-            for lsock in listeners:
-                sel.register(lsock, selectors.EVENT_READ)
-            key, _ = sel.select()[0]
-            conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
+def _accept_one(listeners: list[socket.socket], gate: peer_guard.LocalGate) -> socket.socket:
+    """The next holder connection on any of our listening sockets (local
+    ones from a refused uid are closed and skipped)."""
+    while True:
+        if len(listeners) == 1:
+            conn, _ = listeners[0].accept()
+        else:
+            with selectors.DefaultSelector() as sel:
+                for lsock in listeners:
+                    sel.register(lsock, selectors.EVENT_READ)
+                key, _ = sel.select()[0]
+                conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
+        if gate.admit(conn) is not None:
+            break
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
     if conn.family != socket.AF_UNIX:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

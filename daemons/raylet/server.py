@@ -48,7 +48,7 @@ from daemons.raylet.scheduler import (
     Unschedulable,
 )
 from daemons.raylet.worker_pool import IDLE, LEASED, STARTING, Worker, WorkerPool
-from libclient import security
+from libclient import peer_guard, peer_policy, security
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 from libclient.protocol import field as mfield
 
@@ -78,6 +78,9 @@ class _Conn:
     closed: bool = False
     actor_id: bytes | None = None  # set on the raylet's own actor_init connections
     pid: int = 0  # a local driver's or worker's pid (hello), for ``to_pid`` notices
+    born: float = 0.0  # accepted at (loop time): peer_limits sweep
+    tx_at: float = 0.0  # the peer last took output (loop time)
+    got_msg: bool = False
 
 
 @dataclass(eq=False)
@@ -145,6 +148,13 @@ class Raylet:
         self._next_actor_req = 0
         self.last_loop = time.monotonic()
         self._next_cid = 0
+        # peer_limits: who may connect (SO_PEERCRED), how many, how much unread
+        self.gate = peer_guard.LocalGate(log, "raylet")
+        self.limits = peer_guard.limits()
+        self._nconn = {socket.AF_UNIX: 0, socket.AF_INET: 0, socket.AF_INET6: 0}
+        self._limit_log = peer_policy.LogOncePerPeer()
+        self._cut: dict[int, str] = {}
+        self._swept = 0.0
         self._next_lease = 0
         self._last_report = 0.0
         self._reported: dict[str, float] | None = None  # free resources gcsd last heard
@@ -244,12 +254,16 @@ class Raylet:
         except OSError as exc:  # EMFILE and friends: keep serving the others
             self.log.warning("accept_failed", error=str(exc))
             return
+        if self.gate.admit(sock) is None or not self._admit_more(sock):  # peer_limits
+            return
         sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock = security.server_wrap(sock)  # TLS with the cluster's keys, if any
         self._next_cid += 1
-        conn = _Conn(sock, self._next_cid)
+        conn = _Conn(sock, self._next_cid, born=self.last_loop, tx_at=self.last_loop)
+        conn.decoder.max_frame = self.limits.max_frame
+        self._nconn[sock.family] += 1
         self.conns[conn.cid] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
 
@@ -276,6 +290,7 @@ class Raylet:
                 return
             if msg is None:
                 return
+            conn.got_msg = True
             try:
                 self._dispatch(conn, msg)
             except ProtocolError as exc:
@@ -291,6 +306,9 @@ class Raylet:
         conn.out += pack(msg)
         if was_empty:
             self._flush(conn)
+        elif len(conn.out) > self.limits.max_out_bytes:  # peer_limits: cut off at the sweep
+            self._cut.setdefault(conn.cid, f"{len(conn.out)} bytes unread")
+            conn.out.clear()
 
     def _flush(self, conn: _Conn) -> None:
         try:
@@ -300,7 +318,9 @@ class Raylet:
         except OSError as exc:
             self._close(conn, f"send failed: {exc}")
             return
-        del conn.out[:n]
+        if n:
+            del conn.out[:n]
+            conn.tx_at = self.last_loop
         mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
         self.sel.modify(conn.sock, mask, conn)
 
@@ -308,7 +328,8 @@ class Raylet:
         if conn.closed:
             return
         conn.closed = True
-        self.conns.pop(conn.cid, None)
+        if self.conns.pop(conn.cid, None) is not None:
+            self._nconn[conn.sock.family] -= 1
         try:
             self.sel.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -703,7 +724,9 @@ class Raylet:
             return
         sock.setblocking(False)
         self._next_cid += 1
-        conn = _Conn(sock, self._next_cid, kind="actor_init", actor_id=record.actor_id)
+        conn = _Conn(sock, self._next_cid, kind="actor_init", actor_id=record.actor_id,
+                     born=self.last_loop, tx_at=self.last_loop)
+        self._nconn[socket.AF_UNIX] += 1  # peer_limits: _close counts every conn down
         self.conns[conn.cid] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
         self._send(conn, {"t": "actor_init", "actor_id": record.actor_id, "spec": record.spec,
@@ -938,7 +961,44 @@ class Raylet:
             self.log.warning("actor_kill_failed", actor_id=actor_id.hex(), error=str(exc))
 
     # ---- periodic ---------------------------------------------------------
+    def _admit_more(self, sock: socket.socket) -> bool:
+        """peer_limits: serve at most ``max_connections`` per listener; close the rest."""
+        if self.limits.admit(self._nconn.get(sock.family, 0)):
+            return True
+        try:
+            peer = sock.getpeername() if sock.family != socket.AF_UNIX else "unix"
+        except OSError:
+            peer = "?"
+        sock.close()
+        peer_key = peer[0] if isinstance(peer, tuple) else peer
+        if self._limit_log.should_log(peer_key, "cap"):
+            self.log.warning("connection_refused", peer=str(peer_key),
+                             reason=f"at the cap of {self.limits.max_connections} connections",
+                             times=self._limit_log.count(peer_key, "cap"))
+        return False
+
+    def _sweep_limits(self, now: float) -> None:
+        """peer_limits: once a second, cut off silent TCP peers and stalled readers."""
+        if now - self._swept < 1.0 and not self._cut:
+            return
+        self._swept = now
+        states = [peer_policy.ConnState(c.cid, now - c.born, c.got_msg, len(c.out),
+                                        now - c.tx_at, c.sock.family != socket.AF_UNIX)
+                  for c in self.conns.values()]
+        cut = dict(peer_policy.overdue(self.limits, states))
+        cut.update(self._cut)
+        self._cut = {}
+        for cid, why in cut.items():
+            conn = self.conns.get(cid)
+            if conn is None:
+                continue
+            if self._limit_log.should_log((conn.kind, conn.pid), "cut"):
+                self.log.warning("peer_cut_off", conn=cid, kind=conn.kind, pid=conn.pid,
+                                 reason=why)
+            self._close(conn, f"cut off: {why}")
+
     def _housekeeping(self) -> None:
+        self._sweep_limits(self.last_loop)
         for worker in self.pool.reap():
             self._worker_gone(worker)
         self._refill()
