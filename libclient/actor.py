@@ -10,6 +10,7 @@ from typing import Any
 import cloudpickle
 
 from libclient import api
+from libclient import runtime_env as runtime_env_mod
 from libclient.object_ref import _released_actor_handles
 from libclient.util.scheduling_strategies import to_wire
 
@@ -65,6 +66,8 @@ def _check(options: dict[str, Any]) -> None:
     name = options.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise ValueError("name must be a non-empty string")
+    if options.get("runtime_env") is not None:  # runtime_env: checked now, uploaded at creation
+        runtime_env_mod.validate(options["runtime_env"])
 
 
 class ActorClass:
@@ -100,6 +103,8 @@ class ActorClass:
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
         core = api._require()
         opts = self._options
+        # runtime_env: zipped and stored before anything else is reserved
+        renv = runtime_env_mod.for_task(opts.get("runtime_env"), core.gcs)
         meta = self._shared["meta"]
         retries = opts.get("max_task_retries", 0)
         actor_id = os.urandom(16)
@@ -131,6 +136,8 @@ class ActorClass:
                 "num_restarts": 0, "max_restarts": spec["max_restarts"], "death_cause": "",
                 "class_name": meta["class_name"], "job": core.job_id, "name": name,
                 "namespace": namespace, "detached": spec["detached"], "meta": spec["meta"]})
+        if renv is not None:  # its worker starts in it (merged over the job's, as in Ray)
+            spec["renv"] = renv[1]
         core.create_actor(actor_id, key, meta["class_name"], args, kwargs,
                           demand={k: v for k, v in demand.items() if v}, spec=spec)
         handle = ActorHandle(actor_id, meta, retries)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from typing import Any
 
 import cloudpickle
 
+from libclient import runtime_env as runtime_env_mod
 from libclient import security
 from libclient.core import CoreWorker
 from libclient.exceptions import RaySystemError
@@ -88,8 +90,8 @@ def _local_raylet(gcs_address: str) -> str:
 def init(address: str | None = None, *, num_cpus: float | None = None,
          num_gpus: float | None = None, resources: dict[str, float] | None = None,
          namespace: str | None = None, object_store_memory: int | None = None,
-         ignore_reinit_error: bool = False, log_to_driver: bool = True,
-         **_ignored: Any) -> dict[str, Any]:
+         ignore_reinit_error: bool = False, runtime_env: dict[str, Any] | None = None,
+         log_to_driver: bool = True, **_ignored: Any) -> dict[str, Any]:
     """Connect to a node, or start an embedded single-node cluster.
 
     Args:
@@ -109,6 +111,7 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                 return _context_info()
             raise RuntimeError("libclient.init() was already called; pass "
                                "ignore_reinit_error=True or call shutdown() first")
+        runtime_env_mod.validate(runtime_env)  # a bad runtime_env fails before anything starts
         if address is None and os.environ.get("SHOAL_ADDRESS"):
             address = os.environ["SHOAL_ADDRESS"]
         if resources is not None and not isinstance(resources, dict):
@@ -132,6 +135,16 @@ def init(address: str | None = None, *, num_cpus: float | None = None,
                 _cluster = None
             raise
         _namespace = namespace
+        if runtime_env:  # the job's runtime_env: zipped and stored now, as Ray does
+            try:
+                runtime_env_mod.set_current(runtime_env_mod.resolve(runtime_env, _core.gcs))
+            except BaseException:
+                _core.shutdown()
+                _core = None
+                if _cluster is not None:
+                    _cluster.stop()
+                    _cluster = None
+                raise
         _core.gcs.table_put("jobs", _core.job_id.to_bytes(4, "big"),
                             {"job_id": _core.job_id, "driver_pid": os.getpid(),
                              "namespace": namespace or "", "node_id": _core.node_id,
@@ -162,6 +175,8 @@ def shutdown() -> None:
         printer, _printer = _printer, None
         if printer is not None:  # what arrived so far is printed
             printer.stop()
+        if runtime_env_mod.current():
+            runtime_env_mod.set_current({})  # the job's runtime_env ends with it
         if core is not None and core.kind == "driver":
             try:
                 core.gcs.table_put("jobs", core.job_id.to_bytes(4, "big"),
@@ -209,6 +224,8 @@ def _check_options(opts: dict[str, Any]) -> None:
                 raise ValueError("use num_cpus/num_gpus instead of resources['CPU'/'GPU']")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"resource {k} must be a non-negative number")
+    if opts.get("runtime_env") is not None:  # checked now; uploaded at the first .remote()
+        runtime_env_mod.validate(opts["runtime_env"])
 
 
 class RemoteFunction:
@@ -221,6 +238,9 @@ class RemoteFunction:
         self._options = options
         self._shared = shared if shared is not None else {}
         self._name = getattr(fn, "__qualname__", getattr(fn, "__name__", "task"))
+        # runtime_env: (key, wire form) or None, resolved for this parent env generation
+        self._renv: tuple[str, dict] | None = None
+        self._renv_gen = -1
         num_cpus = options.get("num_cpus", 1)
         num_gpus = options.get("num_gpus", 0)
         demand = {"CPU": num_cpus, "GPU": num_gpus, **(options.get("resources") or {})}
@@ -258,10 +278,15 @@ class RemoteFunction:
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         core = _require()
+        if self._renv_gen != runtime_env_mod.generation:  # runtime_env: once per parent env
+            self._renv = runtime_env_mod.for_task(self._options.get("runtime_env"), core.gcs)
+            self._renv_gen = runtime_env_mod.generation
+        submit = core.submit if self._renv is None else \
+            functools.partial(core.submit_in_runtime_env, self._renv)
         demand, pg = self._demand, self._pg
         if pg is None and self._strategy is None and core.current_pg is not None:
             demand, pg = _in_parent_placement_group(core, demand)
-        refs = core.submit(self._key(core), self._name, args, kwargs,
+        refs = submit(self._key(core), self._name, args, kwargs,
                            num_returns=self._nret, demand=demand,
                            max_retries=self._retries, retry_exceptions=self._rex,
                            strategy=self._strategy, extra={"pg": pg} if pg else None)
@@ -427,6 +452,16 @@ class RuntimeContext:
     @property
     def namespace(self) -> str | None:
         return _namespace
+
+    @property
+    def runtime_env(self) -> dict[str, Any]:
+        """The runtime env this process runs in (packages named by their URIs)."""
+        return dict(runtime_env_mod.current())
+
+    def get_runtime_env_string(self) -> str:
+        import json
+
+        return json.dumps(runtime_env_mod.current())
 
     def get_assigned_resources(self) -> dict[str, Any]:
         return {"GPU": list(self._core.current_gpus)} if self._core.current_gpus else {}

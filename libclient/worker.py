@@ -413,6 +413,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tcp-fd", type=int, help="listening TCP socket for holders on other nodes")
     ns = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if os.environ.get("SHOAL_RUNTIME_ENV"):  # started in a runtime env: set it up first
+        from libclient.runtime_env.worker_setup import prepare
+
+        if not prepare(ns.raylet, bytes.fromhex(ns.worker_id)):
+            sys.exit(0)  # the raylet was told why
     # A holder may cancel (SIGINT) as soon as the raylet has leased this
     # worker out, which is before the TaskRunner's handler exists; the cancel
     # message and the holder's repeated signal still reach the task.

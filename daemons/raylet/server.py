@@ -30,6 +30,7 @@ import msgpack
 
 from daemons.raylet import actor_failover
 from daemons.raylet import actors as actor_states
+from daemons.raylet import worker_pool as renv_pool  # runtime-env worker states
 from daemons.raylet.actors import ActorDirectory, ActorRecord, Dead, Restart
 from daemons.raylet.cluster_view import ClusterView
 from daemons.raylet.placement_shell import PlacementService
@@ -51,6 +52,8 @@ from daemons.raylet.worker_pool import IDLE, LEASED, STARTING, Worker, WorkerPoo
 from libclient import peer_guard, peer_policy, security
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 from libclient.protocol import field as mfield
+from libclient.runtime_env import spec as renv_spec
+from libclient.runtime_env.worker_setup import worker_environ
 
 _HEARTBEAT_S = 1.0
 _REPORT_S = 0.1  # at most ten resource reports a second per node
@@ -64,6 +67,8 @@ _CPU = ("CPU",)
 # What ``to_pid`` may carry: notices between owners and borrowers, and "log" (a
 # worker's stdout/stderr for its job's driver, worker_output.py); nothing else.
 _NOTICES = frozenset({"ref_removed", "add_borrower", "log"})
+# Workers of a runtime env (renv) idle this long are stopped; default ones stay.
+_RENV_IDLE_S = 10.0
 
 
 @dataclass(eq=False)
@@ -173,6 +178,10 @@ class Raylet:
         self._no_starts_until = 0.0
         # Placement groups: coordinator of those created here, host of bundles.
         self.placement = PlacementService(self)
+        # Runtime envs (renv): the env each lease request wants, by (client id,
+        # request id), until a worker of that env is paired with it.
+        self._lease_env: dict[tuple[int, int], tuple[str, dict[str, Any]]] = {}
+        self._renv_workers = False  # ever started one: reap its idle workers
 
     # ---- lifecycle -------------------------------------------------------
     def start_workers(self) -> None:
@@ -340,6 +349,9 @@ class Raylet:
         self.log.info("client_closed", conn=conn.cid, kind=conn.kind, reason=why)
         self.scheduler.cancel(conn.cid)
         self.awaiting = [a for a in self.awaiting if a[1] is not conn or self._unreserve(a)]
+        if self._lease_env:  # renv of its requests
+            for key in [k for k in self._lease_env if k[0] == conn.cid]:
+                del self._lease_env[key]
         if not self.stopping:
             for record in self.actors.owner_gone(conn.cid):
                 self._kill_actor(record)
@@ -373,6 +385,8 @@ class Raylet:
             rid = mfield(msg, "lease_r", int)
             for req in self.scheduler.cancel(conn.cid, rid):
                 self._send(conn, {"r": req.request_id, "ok": False, "error": "cancelled"})
+                if self._lease_env:  # renv of a request that never got a worker
+                    self._lease_env.pop((conn.cid, req.request_id), None)
         elif t == "blocked" or t == "unblocked":
             self._on_blocked(conn, t == "blocked")
         elif t == "hello":
@@ -400,6 +414,8 @@ class Raylet:
             self._on_actor_ready(conn, msg)
         elif t == "actor_failed" and conn.actor_id is not None:
             self._on_actor_failed(conn, msg)
+        elif t == "env_failed":
+            self._on_renv_failed(conn, msg)
         elif t == "ping":
             self._send(conn, {"r": mfield(msg, "r", int), "ok": True})
         elif t == "to_pid":
@@ -476,8 +492,14 @@ class Raylet:
                                {k: v for k, v in locality.items()
                                 if isinstance(k, bytes) and isinstance(v, int)})
             self._know_target(req.strategy)
+            renv = msg.get("renv")
+            if renv is not None:  # a runtime env: its own kind of worker
+                env = renv_spec.check_wire(renv)
+                if env[0]:
+                    self._lease_env[(conn.cid, rid)] = env
             result = self.scheduler.submit(req)
         except (TypeError, ValueError) as exc:
+            self._lease_env.pop((conn.cid, rid), None)
             raise ProtocolError(str(exc)) from None
         if isinstance(result, Infeasible):
             self.log.warning("lease_infeasible", reason=result.reason)
@@ -540,6 +562,8 @@ class Raylet:
     def _refuse(self, decision: Spill | Unschedulable | Rejected) -> None:
         """Answer a lease this node will not grant: where to ask instead, or why not."""
         req = decision.request
+        if self._lease_env:  # its renv is not ours to start
+            self._lease_env.pop((req.client_id, req.request_id), None)
         conn = self.request_conn.pop((req.client_id, req.request_id), None)
         if req.client_id == _ACTORS:
             actor_id = self._actor_reqs.pop(req.request_id, None)
@@ -572,6 +596,9 @@ class Raylet:
                               "msg": decision.reason})
 
     def _assign_workers(self) -> None:
+        if self._lease_env:
+            self._assign_renv_workers()
+            return
         while self.awaiting:
             worker = self.pool.idle()
             if worker is None:
@@ -583,19 +610,118 @@ class Raylet:
                     self.pool.start()
                 return
             req, conn, gpus = self.awaiting.pop(0)
-            self._next_lease += 1
-            lease = _Lease(self._next_lease, conn, worker, req.demand, gpus)
-            self.leases[lease.lease_id] = lease
-            worker.state = LEASED
-            worker.lease_id = lease.lease_id
-            if conn is None:
-                self._start_actor(req, worker, gpus)
+            self._lease_worker(req, conn, gpus, worker)
+
+    def _lease_worker(self, req: LeaseRequest, conn: _Conn | None, gpus: list[int],
+                      worker: Worker) -> None:
+        """Pair a granted request with an idle worker: an actor's, or a client's lease."""
+        self._next_lease += 1
+        lease = _Lease(self._next_lease, conn, worker, req.demand, gpus)
+        self.leases[lease.lease_id] = lease
+        worker.state = LEASED
+        worker.lease_id = lease.lease_id
+        if conn is None:
+            self._start_actor(req, worker, gpus)
+            return
+        conn.leases.add(lease.lease_id)
+        self._send(conn, {"r": req.request_id, "ok": True, "lease_id": lease.lease_id,
+                          "worker_id": worker.worker_id, "socket": worker.socket_path,
+                          "address": worker.address, "node_id": self.node_id,
+                          "pid": worker.pid, "gpus": gpus})
+
+    # ---- runtime envs (renv): workers of one env never serve another ------
+    def _assign_renv_workers(self) -> None:
+        """``_assign_workers`` while some request wants a runtime env: each
+        grant takes an idle worker of its own env (key "" is the default);
+        one more worker of each env still short of workers is started."""
+        items, self.awaiting = self.awaiting, []
+        short: dict[str, list[Any]] = {}  # env key -> [waiting, wire, actors waiting]
+        keep = []
+        for item in items:
+            req, conn, gpus = item
+            key, wire = self._lease_env.get((req.client_id, req.request_id), ("", {}))
+            worker = self.pool.idle(key)
+            if worker is None:
+                keep.append(item)
+                need = short.setdefault(key, [0, wire, 0])
+                need[0] += 1
+                need[2] += conn is None
                 continue
-            conn.leases.add(lease.lease_id)
-            self._send(conn, {"r": req.request_id, "ok": True, "lease_id": lease.lease_id,
-                              "worker_id": worker.worker_id, "socket": worker.socket_path,
-                              "address": worker.address, "node_id": self.node_id,
-                              "pid": worker.pid, "gpus": gpus})
+            self._lease_env.pop((req.client_id, req.request_id), None)
+            self._lease_worker(req, conn, gpus, worker)
+        self.awaiting = keep + self.awaiting
+        for key, (waiting, wire, actors_waiting) in short.items():
+            starting = sum(1 for w in self.pool.workers.values()
+                           if w.state == STARTING and w.env_key == key)
+            if starting >= waiting or not self._can_start():
+                continue
+            pooled = sum(1 for w in self.pool.workers.values() if w.actor_id is None)
+            if pooled >= self.max_workers and actors_waiting <= starting:
+                # Full: an idle worker of another env makes room (Ray does the same).
+                victim = next((w for w in self.pool.workers.values() if w.state == IDLE
+                               and w.actor_id is None and w.env_key != key), None)
+                if victim is None:
+                    continue
+                victim.state = renv_pool.RETIRING
+                self.pool.kill(victim)
+            self._start_renv_worker(key, wire)
+
+    def _start_renv_worker(self, key: str, wire: dict[str, Any]) -> None:
+        if not key:
+            self.pool.start()
+            return
+        self._renv_workers = True
+        cache = os.path.join(self.pool.socket_dir, "runtime_resources")
+        worker = self.pool.start(key, worker_environ(wire, cache, self.gcs_address))
+        self.log.info("renv_worker_starting", env=key, worker_pid=worker.pid)
+
+    def _on_renv_failed(self, conn: _Conn, msg: dict[str, Any]) -> None:
+        """A worker could not set its runtime env up: fail what waits for that env."""
+        wid = mfield(msg, "worker_id", bytes)
+        error = mfield(msg, "error", str)
+        self._send(conn, {"r": mfield(msg, "r", int), "ok": True})
+        worker = self.pool.workers.get(wid)
+        if worker is None or worker.state != STARTING or not worker.env_key:
+            return
+        worker.state = renv_pool.ENV_FAILED  # it exits; not a start failure of the pool
+        self.log.warning("runtime_env_setup_failed", env=worker.env_key, worker_pid=worker.pid,
+                         error=error)
+        keep = []
+        for item in self.awaiting:
+            req, c, _gpus = item
+            ident = (req.client_id, req.request_id)
+            if self._lease_env.get(ident, ("",))[0] != worker.env_key:
+                keep.append(item)
+                continue
+            del self._lease_env[ident]
+            self._unreserve(item)
+            if c is not None:
+                self._send(c, {"r": req.request_id, "ok": False,
+                               "error": "runtime_env_setup_failed", "msg": error})
+                continue
+            actor_id = self._actor_reqs.pop(req.request_id, None)
+            record = self.actors.actors.get(actor_id) if actor_id else None
+            if record is not None:
+                self.actors.init_failed(record.actor_id,
+                                        f"its runtime_env could not be set up: {error}")
+                self._actor_dead(record)
+        self.awaiting = keep
+        self._schedule()
+
+    def _reap_idle_renv_workers(self) -> None:
+        """Stop runtime-env workers idle for ``_RENV_IDLE_S``: the next task of
+        that env starts one again (its packages stay cached on this node)."""
+        now = time.monotonic()
+        for w in list(self.pool.workers.values()):
+            if not w.env_key or w.actor_id is not None:
+                continue
+            if w.state != IDLE:
+                w.idle_since = 0.0
+            elif not w.idle_since:
+                w.idle_since = now
+            elif now - w.idle_since > _RENV_IDLE_S:
+                w.state = renv_pool.RETIRING
+                self.pool.kill(w)
 
     def _end_lease(self, lease_id: int, kill: bool) -> None:
         lease = self.leases.pop(lease_id, None)
@@ -675,6 +801,12 @@ class Raylet:
         record.strategy = msg.get("strategy")
         record.owner_node = (self.node_id if conn.sock.family == socket.AF_UNIX
                              else mfield(msg, "owner_node", bytes, b""))
+        if spec.get("renv") is not None:  # checked before the actor is recorded
+            try:
+                renv_spec.check_wire(spec["renv"])
+            except ValueError as exc:
+                del self.actors.actors[actor_id]
+                raise ProtocolError(f"bad runtime env: {exc}") from None
         if grant_or_reject and not demand.fits_in(self.total):
             self.actors.init_failed(actor_id, f"infeasible: needs {res}, node has "
                                               f"{self.total.to_dict()}")
@@ -696,6 +828,11 @@ class Raylet:
         self._actor_reqs[self._next_actor_req] = record.actor_id
         if strategy is None:
             strategy, grant_or_reject = NodeAffinity(self.node_id, soft=False), True
+        renv = record.spec.get("renv")
+        if renv:  # the actor's worker starts in its runtime env
+            env = renv_spec.check_wire(renv)
+            if env[0]:
+                self._lease_env[(_ACTORS, self._next_actor_req)] = env
         self.scheduler.submit(LeaseRequest(self._next_actor_req, _ACTORS,
                                            ResourceSet.of(record.demand), strategy,
                                            grant_or_reject))
@@ -1009,6 +1146,8 @@ class Raylet:
             self._follow_nodes()
             if self._park_at is not None:
                 self._run_due_sweeps(now)
+        if self._renv_workers:
+            self._reap_idle_renv_workers()
 
     def _report(self, now: float) -> None:
         """Tell gcsd we live, and what is free when that changed.

@@ -21,6 +21,8 @@ _PR_SET_PDEATHSIG = 1
 STARTING = "STARTING"
 IDLE = "IDLE"
 LEASED = "LEASED"
+ENV_FAILED = "ENV_FAILED"  # its runtime env could not be set up; it exits
+RETIRING = "RETIRING"  # killed while idle (an unused runtime-env worker); never leased
 
 
 def _die_with(parent: int) -> Any:
@@ -49,6 +51,8 @@ class Worker:
     conn: Any = None
     lease_id: int | None = None
     actor_id: bytes | None = None  # set while the worker hosts an actor
+    env_key: str = ""  # runtime env it was started with ("" for none); never mixed
+    idle_since: float = 0.0  # monotonic time it last became idle (env workers are reaped)
 
     @property
     def pid(self) -> int:
@@ -66,7 +70,8 @@ class WorkerPool:
     tcp_host: str | None = None  # also listen on TCP here, for other nodes
     workers: dict[bytes, Worker] = field(default_factory=dict)
 
-    def start(self) -> Worker:
+    def start(self, env_key: str = "", extra_env: dict[str, str] | None = None) -> Worker:
+        """Start a worker; ``extra_env`` (a runtime env's variables) joins its environment."""
         worker_id = os.urandom(8)
         path = os.path.join(self.socket_dir, f"w-{worker_id.hex()}.sock")
         argv = [self.python, "-m", "libclient.worker", *self.argv_base,
@@ -77,20 +82,21 @@ class WorkerPool:
         try:
             if tcp is not None:
                 argv += ["--tcp-fd", str(tcp.fileno())]
-            proc = subprocess.Popen(argv, env=self.env, preexec_fn=_die_with(os.getpid()),
+            env = {**self.env, **extra_env} if extra_env else self.env
+            proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with(os.getpid()),
                                     stdin=subprocess.DEVNULL, close_fds=True,
                                     pass_fds=(tcp.fileno(),) if tcp is not None else ())
         finally:
             address = f"{self.tcp_host}:{tcp.getsockname()[1]}" if tcp is not None else ""
             if tcp is not None:
                 tcp.close()
-        worker = Worker(worker_id, proc, path, address)
+        worker = Worker(worker_id, proc, path, address, env_key=env_key)
         self.workers[worker_id] = worker
         return worker
 
-    def idle(self) -> Worker | None:
+    def idle(self, env_key: str = "") -> Worker | None:
         for w in self.workers.values():
-            if w.state == IDLE:
+            if w.state == IDLE and w.env_key == env_key:
                 return w
         return None
 

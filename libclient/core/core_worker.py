@@ -610,6 +610,20 @@ class CoreWorker:
                                 max_retries=max_retries, retry_exceptions=False,
                                 key=("actor", actor_id), spec=msg_extra)
 
+    def submit_in_runtime_env(self, renv: tuple[str, dict], fn_key: bytes, name: str,
+                              args: tuple, kwargs: dict, *, num_returns: int, demand: dict,
+                              max_retries: int, retry_exceptions: Any, strategy: Any = None,
+                              extra: dict | None = None) -> list[ObjectRef]:
+        """``submit`` for a task with a runtime env ``(key, wire form)``: its own
+        scheduling class, whose leases ask for workers started in that env."""
+        key = ("task", *sorted(demand.items()), ("strategy", strategy_key(strategy)),
+               ("renv", renv[0]))
+        self._submitter.runtime_envs[key] = renv[1]
+        return self._build_call(fn_key, name, args, kwargs, num_returns=num_returns,
+                                demand=demand, max_retries=max_retries,
+                                retry_exceptions=retry_exceptions, key=key, spec=extra,
+                                strategy=strategy)
+
     def _build_call(self, fn_key: bytes, name: str, args: tuple, kwargs: dict, *,
                     num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any,
                     key: tuple | None, spec: dict | None, strategy: Any = None

@@ -48,7 +48,12 @@ from libclient.core.errors import error_wire
 from libclient.core.io_loop import Conn, IoLoop, RemoteRaylet, connect_worker
 from libclient.core.references import ReferenceTable
 from libclient.core.task_manager import Task, TaskManager
-from libclient.exceptions import RaySystemError, TaskCancelledError, WorkerCrashedError
+from libclient.exceptions import (
+    RaySystemError,
+    RuntimeEnvSetupError,
+    TaskCancelledError,
+    WorkerCrashedError,
+)
 from libclient.protocol import pack
 
 LEASE_IDLE_S = 0.005
@@ -137,6 +142,9 @@ class TaskSubmitter:
         self._cancelling: dict[bytes, tuple[Task, float]] = {}  # tid -> (task, next SIGINT)
         self._strategies: dict[tuple, Any] = {}  # class key -> strategy, until it is made
         self._lease_at: dict[int, RemoteRaylet] = {}  # request id -> raylet it went to
+        # Runtime envs (renv) of classes that have one: their leases ask for
+        # workers started in that env (wire form, libclient.runtime_env.spec).
+        self.runtime_envs: dict[tuple, dict] = {}
 
     def has_leases(self) -> bool:
         return any(c.leases for c in self.classes.values())
@@ -220,6 +228,8 @@ class TaskSubmitter:
         cls.requests.add(rid)
         self._lease_reqs[rid] = cls
         msg = {"t": "lease", "r": rid, "res": cls.demand}
+        if self.runtime_envs and cls.key in self.runtime_envs:  # renv: workers of its env
+            msg["renv"] = self.runtime_envs[cls.key]
         if cls.strategy is not None:
             msg["strategy"] = cls.strategy
         elif cls.queue and cls.queue[0].deps:
@@ -265,7 +275,9 @@ class TaskSubmitter:
             elif error != "cancelled" and cls.queue:
                 # Unschedulable (hard affinity to a dead node), workers that
                 # cannot start, a bad request: fail what waits rather than hang.
-                err = error_wire(RaySystemError(
+                err = error_wire(RuntimeEnvSetupError(  # renv: the env could not be set up
+                    f"the runtime_env could not be set up: {msg.get('msg', '')}")
+                    if error == "runtime_env_setup_failed" else RaySystemError(
                     f"the raylet refused a lease ({error}): {msg.get('msg', '')}"))
                 while cls.queue:
                     self._finish_error(cls.queue.popleft(), err)
@@ -300,6 +312,8 @@ class TaskSubmitter:
         self._lease_reqs[rid] = cls
         self._lease_at[rid] = rr
         req = {"t": "lease", "r": rid, "res": cls.demand, "grant_or_reject": True}
+        if self.runtime_envs and cls.key in self.runtime_envs:  # renv: workers of its env
+            req["renv"] = self.runtime_envs[cls.key]
         if cls.strategy is not None:
             req["strategy"] = cls.strategy
         self._io.write(rr, pack(req))
