@@ -58,7 +58,7 @@ def decode_op(raw: Any) -> Op:
     table, key = raw[0], raw[1]
     if len(raw) == 3 and type(key) is list and raw[2] == 2:
         return _decode_put_many(table, key)
-    if table not in _TABLES or not isinstance(key, bytes) or not key:
+    if type(table) is not str or table not in _TABLES or not isinstance(key, bytes) or not key:
         raise ProtocolError(f"bad op table/key: {table!r}")
     if len(raw) == 4:
         if raw[3] != 1 or not isinstance(raw[2], bytes):
@@ -68,7 +68,7 @@ def decode_op(raw: Any) -> Op:
 
 
 def _decode_put_many(table: Any, items: list[Any]) -> PutMany:
-    if table not in PUBLIC_TABLES:
+    if type(table) is not str or table not in PUBLIC_TABLES:  # a list would not hash
         raise ProtocolError(f"many puts into table {table!r}")
     # Whole-list checks, so a thousand-key op costs a few C loops.
     if (not items or len(items) % 2 or not all(type(x) is bytes for x in items)
@@ -125,7 +125,8 @@ def decode_entry(raw: Any) -> Entry:
         raise ProtocolError("entry marks must be one integer per op")
     out: list[Op] = []
     for o in ops:  # the common case inline: every replica runs this for every op
-        if (type(o) is list and len(o) == 4 and o[3] == 1 and o[0] in _TABLES
+        if (type(o) is list and len(o) == 4 and o[3] == 1 and type(o[0]) is str
+                and o[0] in _TABLES
                 and type(o[1]) is bytes and o[1] and type(o[2]) is bytes):
             out.append(EncodedPut(o[0], o[1], o[2]))
         else:
