@@ -61,6 +61,9 @@ CONFIG_POLL_S = 0.03
 # its callers are I/O loops.
 ONEWAY_LOCK_S = 0.01
 ONEWAY_LAYOUT_S = 0.25
+# One-way senders never hear that the chain moved (a refused one-way message
+# has no reply), so they look at the layout again this often.
+ONEWAY_RECHECK_S = 2.0
 _ANY_METHODS = frozenset({"ping", "info", "config"})
 
 
@@ -197,6 +200,7 @@ class GcsClient:
         self._socks: dict[str, zmq.Socket] = {}
         self._layout: Layout | None = None
         self._stale = False
+        self._layout_at = 0.0  # monotonic time of the last layout read
         self._closed = False
         self._next_member = 0
         self.retries = 0  # attempts that had to be repeated (for tests and benchmarks)
@@ -290,6 +294,7 @@ class GcsClient:
                         layout.epochs[s], layout.chains[s] = old.epochs[s], old.chains[s]
             self._layout = layout
             self._stale = False
+            self._layout_at = time.monotonic()
             if len(layout.members) > 1:
                 # Connect to every member now: a tail can only answer a
                 # client whose connection it already has (see _target).
@@ -465,7 +470,12 @@ class GcsClient:
         if not self._lock.acquire(timeout=ONEWAY_LOCK_S):
             raise GcsUnavailableError("gcsd client busy: another call is waiting for gcsd")
         try:
-            deadline = time.monotonic() + min(self.timeout, ONEWAY_LAYOUT_S)
+            now = time.monotonic()
+            deadline = now + min(self.timeout, ONEWAY_LAYOUT_S)
+            layout = self._layout
+            if (layout is not None and len(layout.members) > 1
+                    and now - self._layout_at > ONEWAY_RECHECK_S):
+                self._stale = True  # a heartbeat must not follow a head that moved
             parts = self._plan(method, fields, deadline)
             if self._layout is None:
                 raise GcsUnavailableError(f"no gcsd member at {self.address} answered")

@@ -27,7 +27,7 @@ import msgpack
 import pytest
 import zmq
 
-from libclient.gcs_client import GcsClient, GcsError
+from libclient.gcs_client import GcsClient, GcsError, route_key, shard_of
 from libclient.protocol import encode_body
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,6 +300,60 @@ def test_the_tail_answers_a_write_that_asks_for_it(cluster):
     finally:
         for sock in socks.values():
             sock.close()
+
+
+def _node_row(cluster: Cluster, node_id: bytes) -> dict:
+    with GcsClient(",".join(cluster.members), timeout=10) as c:
+        return next(n for n in c.get_nodes() if n["node_id"] == node_id)
+
+
+def test_heartbeats_follow_a_head_that_moved(cluster):
+    # Found by the chaos suite: heartbeats are one-way, so a refused one is
+    # dropped unseen. A raylet whose layout was one epoch old had every
+    # heartbeat refused as "stale" by the head it was still talking to, and
+    # one whose shard's head moved kept talking to the old head; either way
+    # its node was declared dead while it lived.
+    node_id = os.urandom(16)
+    with GcsClient(",".join(cluster.members), timeout=10) as c:
+        c.register_node(node_id, {"address": "127.0.0.1:1", "resources": {"CPU": 1.0}})
+    s = shard_of(*route_key("heartbeat", {"node_id": node_id}), SHARDS)
+    epoch, chain = cluster.wait_full()[s]
+    head, tail = chain[0], chain[-1]
+    # 1. The shard's epoch moves (its tail dies) while its head stays: a
+    #    one-way heartbeat stamped with the old epoch still counts.
+    cluster.kill(f"m{tail}")
+    cluster.wait_without(tail, s)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.members[head])
+    try:
+        sock.send(encode_body({"t": "heartbeat", "node_id": node_id, "s": s, "e": epoch,
+                               "available": {"CPU": 0.25}, "version": 7}))
+        deadline = time.monotonic() + 5
+        while _node_row(cluster, node_id).get("available") != {"CPU": 0.25}:
+            assert time.monotonic() < deadline, "a one-way heartbeat of the old epoch was lost"
+            time.sleep(0.05)
+    finally:
+        sock.close()
+        cluster.start(f"m{tail}")
+        cluster.wait_full()
+    # 2. The shard's head dies and comes back as a tail: a client that only
+    #    sends one-way heartbeats finds the new head by itself.
+    epoch, chain = cluster.wait_full()[s]
+    with GcsClient(",".join(cluster.members), timeout=10) as c:
+        c.heartbeat(node_id, {"CPU": 0.5}, 8)
+        old_head = chain[0]
+        cluster.kill(f"m{old_head}")
+        cluster.wait_without(old_head, s)
+        cluster.start(f"m{old_head}")
+        cluster.wait_full()
+        version = 9
+        deadline = time.monotonic() + 10
+        while _node_row(cluster, node_id).get("available") != {"CPU": float(version)}:
+            assert time.monotonic() < deadline, "one-way heartbeats never reached the new head"
+            version += 1
+            c.heartbeat(node_id, {"CPU": float(version)}, version)
+            time.sleep(0.2)
 
 
 def test_the_master_pushes_a_new_chain_without_waiting_for_a_heartbeat(tmp_path):

@@ -428,7 +428,8 @@ class GcsServer:
         if rep.failed:
             return f"shard {rep.shard} has failed on member {self.dep.member}"
         epoch = msg.get("e")
-        if epoch is not None and epoch != rep.chain.epoch:
+        if (epoch is not None and epoch != rep.chain.epoch
+                and not _oneway_to_head(rep, msg, write, epoch)):
             return (f"stale configuration for shard {rep.shard}: epoch {epoch}, "
                     f"member {self.dep.member} is at {rep.chain.epoch}")
         if write and not rep.chain.is_head:
@@ -991,3 +992,16 @@ def _drain(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def _oneway_to_head(rep: _Replica, msg: dict[str, Any], write: bool, epoch: Any) -> bool:
+    """A one-way write (a heartbeat, task events) from a client whose layout is older.
+
+    Nobody reads the refusal of a one-way message, so refusing it would drop
+    it silently until the client happens to refresh its layout: a raylet's
+    heartbeats then stop counting and its node is declared dead. The head of a
+    newer epoch is still the right place for it, so take it. (A client ahead
+    of us is still refused: we may be a deposed head that has not heard yet.)
+    """
+    return (write and msg.get("r") is None and isinstance(epoch, int)
+            and epoch < rep.chain.epoch and rep.chain.is_head)
