@@ -28,11 +28,12 @@ from libclient.api import (
     wait,
 )
 from libclient.object_ref import ObjectRef
+from libclient.object_ref_generator import ObjectRefGenerator
 from libclient.util.timeline import timeline
 
 __all__ = [
     "ActorClass", "ActorHandle", "ObjectRef", "get_actor", "kill", "method", "available_resources", "cancel", "cluster_resources", "exceptions", "get",
     "get_gpu_ids", "get_runtime_context", "init", "is_initialized", "nodes", "put", "remote",
-    "shutdown", "wait", "timeline",
+    "shutdown", "wait", "ObjectRefGenerator", "timeline",
 ]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ import cloudpickle
 
 from libclient import api
 from libclient import runtime_env as runtime_env_mod
+from libclient.exceptions import ActorAlreadyExistsError
 from libclient.object_ref import _released_actor_handles
 from libclient.util.scheduling_strategies import to_wire
 
@@ -19,29 +20,74 @@ _ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_restarts", "max_task
                   "memory", "scheduling_strategy", "runtime_env"}
 _ACTOR_OPTIONS |= {"placement_group", "placement_group_bundle_index",  # placement_group options
                    "placement_group_capture_child_tasks"}
+_ACTOR_OPTIONS |= {"concurrency_groups"}  # concurrency groups: {name: max calls at once}
 _NAMES_NS = "actor_names:"
 _ROW_WAIT_S = 2.0  # how long get_actor waits for a just-named actor's row
 
 
-def method(*, num_returns: int = 1) -> Any:
-    """``@method(num_returns=n)`` on an actor method, as in Ray."""
-    if not isinstance(num_returns, int) or num_returns < 1:
-        raise ValueError("num_returns must be a positive int")
+def method(*, num_returns: int | str | None = None, concurrency_group: str | None = None) -> Any:
+    """``@method(num_returns=n, concurrency_group="io")`` on an actor method, as in Ray.
+    ``num_returns="streaming"`` (the default for generator methods) makes calls
+    return an ObjectRefGenerator."""
+    if num_returns is not None and num_returns != "streaming" and (
+            not isinstance(num_returns, int) or num_returns < 1):
+        raise ValueError("num_returns must be a positive int or 'streaming'")
+    if concurrency_group is not None and (not isinstance(concurrency_group, str)
+                                          or not concurrency_group):
+        raise ValueError("concurrency_group must be a non-empty string")
 
     def mark(fn: Any) -> Any:
-        fn.__shoal_num_returns__ = num_returns
+        if num_returns is not None:
+            fn.__shoal_num_returns__ = num_returns
+        if concurrency_group is not None:
+            fn.__shoal_concurrency_group__ = concurrency_group
         return fn
 
     return mark
 
 
+def exit_actor() -> None:
+    """End the actor this is called in, for good (Ray's ``ray.actor.exit_actor``).
+
+    The raylet marks the actor DEAD with no restart and ends its process: the
+    call that made this one, and every call still queued or sent later, fail
+    with ActorDiedError (a RayActorError). Raises TypeError outside an actor.
+    """
+    core = api._core
+    if core is None or core.kind != "worker" or core.current_actor_id is None:
+        raise TypeError("exit_actor() can only be called inside an actor")
+    core.exit_actor("the actor exited intentionally: exit_actor() was called")
+
+
+def _default_num_returns(fn: Any) -> int | str:
+    """A method's num_returns: @method's, else "streaming" for a generator, else 1."""
+    n = getattr(fn, "__shoal_num_returns__", None)
+    if n is not None:
+        return n
+    return "streaming" if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn) \
+        else 1
+
+
+def _groups_meta(cls: type, opts: dict[str, Any]) -> dict[str, Any]:
+    """The class's concurrency groups for its meta (the actor host reads them);
+    every group a method names must be one of them."""
+    groups = opts.get("concurrency_groups") or {}
+    for name, fn in inspect.getmembers(cls, predicate=callable):
+        group = getattr(fn, "__shoal_concurrency_group__", None)
+        if group is not None and group not in groups:
+            raise ValueError(f"method {name} of {cls.__name__} names concurrency group "
+                             f"{group!r}, which the class does not define "
+                             f"(concurrency_groups={groups!r})")
+    return {"concurrency_groups": groups} if groups else {}
+
+
 def _class_meta(cls: type) -> dict[str, Any]:
-    methods: dict[str, int] = {}
+    methods: dict[str, int | str] = {}
     is_async = False
     for name, fn in inspect.getmembers(cls, predicate=callable):
         if name.startswith("__") and name != "__call__":
             continue
-        methods[name] = getattr(fn, "__shoal_num_returns__", 1)
+        methods[name] = _default_num_returns(fn)
         if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
             is_async = True
     return {"methods": methods, "class_name": cls.__name__, "is_async": is_async}
@@ -60,6 +106,11 @@ def _check(options: dict[str, Any]) -> None:
     mc = options.get("max_concurrency")
     if mc is not None and (not isinstance(mc, int) or mc < 1):
         raise ValueError(f"max_concurrency must be a positive int, got {mc!r}")
+    groups = options.get("concurrency_groups")  # concurrency groups
+    if groups is not None and (not isinstance(groups, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in groups.items())):
+        raise ValueError("concurrency_groups must map group names to positive ints")
     life = options.get("lifetime")
     if life not in (None, "detached", "non_detached"):
         raise ValueError(f"lifetime must be 'detached' or None, got {life!r}")
@@ -116,7 +167,7 @@ class ActorClass:
             if not added:
                 if opts.get("get_if_exists"):
                     return get_actor(name, namespace)
-                raise ValueError(f"the actor name {name!r} is already taken in namespace "
+                raise ActorAlreadyExistsError(f"the actor name {name!r} is already taken in namespace "
                                  f"{namespace!r}")
         demand = {"CPU": opts.get("num_cpus", 0), "GPU": opts.get("num_gpus", 0),
                   **(opts.get("resources") or {})}
@@ -125,7 +176,7 @@ class ActorClass:
                 "detached": opts.get("lifetime") == "detached",
                 "max_restarts": opts.get("max_restarts", 0),
                 "max_concurrency": opts.get("max_concurrency"), "is_async": meta["is_async"],
-                "meta": {**meta, "max_task_retries": retries},
+                "meta": {**meta, "max_task_retries": retries, **_groups_meta(self._cls, opts)},
                 "strategy": to_wire(strategy), "pg": pg}
         key = self._key(core)
         if name:
@@ -199,22 +250,37 @@ class ActorHandle:
 class ActorMethod:
     """``handle.method``: call ``.remote(...)`` to run it on the actor."""
 
-    __slots__ = ("_handle", "_name", "_nret")
+    __slots__ = ("_handle", "_name", "_nret", "_cg")
 
-    def __init__(self, handle: ActorHandle, name: str, num_returns: int) -> None:
+    def __init__(self, handle: ActorHandle, name: str, num_returns: int | str,
+                 concurrency_group: str | None = None) -> None:
         self._handle = handle
         self._name = name
         self._nret = num_returns
+        self._cg = concurrency_group
 
-    def options(self, *, num_returns: int | None = None, **_ignored: Any) -> ActorMethod:
-        return ActorMethod(self._handle, self._name, num_returns or self._nret)
+    def options(self, *, num_returns: int | str | None = None,
+                concurrency_group: str | None = None, **_ignored: Any) -> ActorMethod:
+        """This call with another num_returns or concurrency group (Ray's names)."""
+        if num_returns is not None and num_returns != "streaming" and (
+                not isinstance(num_returns, int) or num_returns < 1):
+            raise ValueError("num_returns must be a positive int or 'streaming'")
+        if concurrency_group is not None:
+            groups = self._handle._meta.get("concurrency_groups") or {}
+            if concurrency_group not in groups:
+                raise ValueError(f"actor class {self._handle._meta['class_name']} has no "
+                                 f"concurrency group {concurrency_group!r}")
+        return ActorMethod(self._handle, self._name, num_returns or self._nret,
+                           concurrency_group or self._cg)
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         h = self._handle
+        nret = self._nret
         refs = api._require().submit_actor_call(
             h._actor_id, self._name, f"{h._meta['class_name']}.{self._name}", args, kwargs,
-            num_returns=self._nret, max_retries=h._retries)
-        return refs[0] if self._nret == 1 else refs
+            num_returns=nret, max_retries=h._retries,
+            extra=None if self._cg is None else {"cg": self._cg})
+        return refs[0] if nret == 1 or nret == "streaming" else refs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"actor method {self._name} cannot be called directly; "

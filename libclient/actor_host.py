@@ -62,6 +62,13 @@ class ActorHost:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
         self._methods: dict[str, Any] = {}
+        # Concurrency groups (Ray's): name -> size; each has its own thread pool
+        # (threaded actor) or semaphore (async actor). Calls name theirs in the
+        # message (``cg``, from .options) or by the method's @method default.
+        groups = (spec.get("meta") or {}).get("concurrency_groups") or {}
+        self._group_sizes: dict[str, int] = {str(k): max(1, int(v)) for k, v in groups.items()
+                                             if isinstance(v, int) and not isinstance(v, bool)}
+        self._groups: dict[str, Any] | None = None
 
     @classmethod
     def create(cls, runner: Any, msg: dict) -> ActorHost:
@@ -104,8 +111,11 @@ class ActorHost:
         self.runner.conn = None  # cancellation by SIGINT is for tasks only
         if self.is_async:
             self._start_loop()
-        elif self.max_concurrency > 1:
+        elif self.max_concurrency > 1 or self._group_sizes:
             self._pool = ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="actor")
+            if self._group_sizes:
+                self._groups = {name: ThreadPoolExecutor(n, thread_name_prefix=f"actor-{name}")
+                                for name, n in self._group_sizes.items()}
         sel = selectors.DefaultSelector()
         for lsock in (listen, *more):
             sel.register(lsock, selectors.EVENT_READ, None)
@@ -169,12 +179,22 @@ class ActorHost:
         except AttributeError as exc:
             caller.reply(_failed_call(msg, exc))
             return
+        if "gen" in msg:  # a generator method: its items go to this caller as they come
+            msg["_sink"] = caller.reply
         if self._loop is not None:
             asyncio.run_coroutine_threadsafe(self._run_async(caller, msg, fn), self._loop)
         elif self._pool is not None:
-            self._pool.submit(lambda: caller.reply(self.runner.execute(msg, fn, track=False)))
+            pool = self._pool if self._groups is None else self._group(msg, fn, self._pool)
+            pool.submit(lambda: caller.reply(self.runner.execute(msg, fn, track=False)))
         else:
             caller.reply(self.runner.execute(msg, fn))
+
+    def _group(self, msg: dict, fn: Any, default: Any) -> Any:
+        """The pool or semaphore of the call's concurrency group (the default
+        group's if it names none, or one this actor does not have)."""
+        assert self._groups is not None
+        name = msg.get("cg") or getattr(fn, "__shoal_concurrency_group__", None)
+        return self._groups.get(name, default) if name else default
 
     # ---------------------------------------------------------------- async
     def _start_loop(self) -> None:
@@ -184,6 +204,9 @@ class ActorHost:
         def run() -> None:
             asyncio.set_event_loop(loop)
             self._sem = asyncio.Semaphore(self.max_concurrency)
+            if self._group_sizes:
+                self._groups = {name: asyncio.Semaphore(n)
+                                for name, n in self._group_sizes.items()}
             ready.set()
             loop.run_forever()
 
@@ -193,8 +216,9 @@ class ActorHost:
 
     async def _run_async(self, caller: _Caller, msg: dict, fn: Any) -> None:
         assert self._sem is not None
-        async with self._sem:
-            if inspect.iscoroutinefunction(fn):
+        sem = self._sem if self._groups is None else self._group(msg, fn, self._sem)
+        async with sem:
+            if inspect.iscoroutinefunction(fn) or "gen" in msg:
                 reply = await self.runner.execute_async(msg, fn)
             else:
                 reply = self.runner.execute(msg, fn, track=False)

@@ -210,8 +210,8 @@ def _check_options(opts: dict[str, Any]) -> None:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0):
             raise ValueError(f"{key} must be a non-negative number, got {v!r}")
     n = opts.get("num_returns")
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"num_returns must be a positive int, got {n!r}")
+    if n is not None and n != "streaming" and (not isinstance(n, int) or n < 1):
+        raise ValueError(f"num_returns must be a positive int or 'streaming', got {n!r}")
     r = opts.get("max_retries")
     if r is not None and (not isinstance(r, int) or r < -1):
         raise ValueError(f"max_retries must be an int >= -1, got {r!r}")
@@ -245,7 +245,8 @@ class RemoteFunction:
         num_gpus = options.get("num_gpus", 0)
         demand = {"CPU": num_cpus, "GPU": num_gpus, **(options.get("resources") or {})}
         self._demand = {k: v for k, v in demand.items() if v}
-        self._nret = options.get("num_returns", 1)
+        # A generator function streams its items by default (Ray 2): "streaming".
+        self._nret = options.get("num_returns", _default_num_returns(fn))
         retries = options.get("max_retries", 3)
         self._retries = 1 << 30 if retries == -1 else retries
         self._rex = options.get("retry_exceptions", False)
@@ -290,7 +291,7 @@ class RemoteFunction:
                            num_returns=self._nret, demand=demand,
                            max_retries=self._retries, retry_exceptions=self._rex,
                            strategy=self._strategy, extra={"pg": pg} if pg else None)
-        return refs[0] if self._nret == 1 else refs
+        return refs[0] if self._nret == 1 or self._nret == "streaming" else refs
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(f"remote function {self._name} cannot be called directly; "
@@ -305,6 +306,15 @@ def _in_parent_placement_group(core: CoreWorker, demand: dict) -> tuple[dict, li
     if cur is None:
         return demand, None
     return task_demand(demand, cur[0].hex(), -1), [cur[0], -1, True]
+
+
+def _default_num_returns(fn: Any) -> int | str:
+    """Ray 2's default: a generator function returns an ObjectRefGenerator
+    ("streaming"); anything else one ObjectRef."""
+    import inspect
+
+    return "streaming" if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn) \
+        else 1
 
 
 def remote(*args: Any, **options: Any) -> Any:

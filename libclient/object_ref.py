@@ -74,9 +74,25 @@ class ObjectRef:
             refs.append(self)
         return (_rebuild, (self._id, self._owner_pid, self._owner_addr))
 
-    # Let `await ref` style code fail loudly rather than oddly.
+    # Awaiting (libclient/awaitable.py): the value, without blocking the loop.
     def __await__(self) -> Any:
-        raise TypeError("awaiting ObjectRefs is not supported yet; use libclient.get")
+        from libclient.awaitable import await_ref
+
+        return await_ref(self).__await__()
+
+    def future(self) -> Any:
+        """A concurrent.futures.Future of the value (its error, if the task raised)."""
+        from libclient.awaitable import ref_future
+
+        return ref_future(self)
+
+    def as_future(self) -> Any:
+        """An asyncio.Future of the value, on the running event loop."""
+        import asyncio
+
+        from libclient.awaitable import await_ref
+
+        return asyncio.ensure_future(await_ref(self))
 
 
 def _rebuild(oid: bytes, owner_pid: int, owner_addr: str = "") -> ObjectRef:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import inspect
 import os
 import selectors
 import signal
@@ -228,6 +229,8 @@ class TaskRunner:
                     return self._arg_error(tid, name, nret, exc, start)
                 fetched = time.perf_counter() - start if "deps" in msg else 0.0
                 result = fn(*args, **kwargs)
+                if "gen" in msg or (nret != 1 and inspect.isgenerator(result)):
+                    result = self._generate(msg, result)  # stream its items, or list them
             finally:
                 if track:
                     self.running = None
@@ -276,9 +279,70 @@ class TaskRunner:
             result = fn(*args, **kwargs)
             if asyncio.iscoroutine(result):
                 result = await result
+            if "gen" in msg or (msg.get("nret", 1) != 1 and (
+                    inspect.isgenerator(result) or inspect.isasyncgen(result))):
+                result = await self._generate_async(msg, result)  # a generator method
         except Exception as exc:
             return self._raised(msg, exc, start)
         return self.finish(msg, result, start)
+
+    # ---------------------------------------------------------- generators
+    def _generate(self, msg: dict, result: Any) -> Any:
+        """Run a generator task's body. ``gen`` 1 (streaming): send each item to
+        the caller as it is yielded (a ``gi`` frame) and return the count;
+        2 (``num_returns=N``): return the items as a list."""
+        if msg.get("gen") != 1:
+            return _counted(msg, list(result)) if inspect.isgenerator(result) else result
+        if not hasattr(result, "__next__"):
+            raise TypeError(f"{msg.get('name', '?')} was called as a streaming generator but "
+                            f"returned {type(result).__name__}, not a generator")
+        sink = msg.get("_sink") or self._to_holder
+        count = 0
+        for value in result:
+            sink(self._item_frame(msg, count, value))
+            count += 1
+        return count
+
+    async def _generate_async(self, msg: dict, result: Any) -> Any:
+        """``_generate`` for an async actor: async generators are iterated on its loop."""
+        if not inspect.isasyncgen(result):
+            return self._generate(msg, result)
+        if msg.get("gen") != 1:
+            return _counted(msg, [value async for value in result])
+        sink = msg.get("_sink") or self._to_holder
+        count = 0
+        async for value in result:
+            sink(self._item_frame(msg, count, value))
+            count += 1
+        return count
+
+    def _to_holder(self, frame: dict) -> None:
+        conn = self.conn
+        if conn is None:
+            raise ConnectionError("the lease holder went away")
+        conn.sendall(pack(frame))
+
+    def _item_frame(self, msg: dict, index: int, value: Any) -> dict:
+        """One yielded value as a ``gi`` frame: inline, or stored under the item's
+        id (task id + index + 1) like a large return."""
+        tid, core = msg["tid"], self.core
+        ser = serialization.serialize(value)
+        frame: dict = {"t": "gi", "tid": tid, "i": index}
+        if ser.refs:
+            core.escape(ser.refs)
+            frame["nst"] = core.returned_refs(ser.refs, msg.get("ca"))
+        if ser.inline:
+            frame["ret"] = ["v", ser.to_wire()]
+            return frame
+        oid = tid + (index + 1).to_bytes(4, "little")
+        try:
+            buf = core.write_store(oid, ser)
+            del buf  # the owner pins its own copy when it reads the frame
+        except Exception as exc:
+            if getattr(exc, "code", None) != "exists":  # stored by an earlier run: stands
+                raise
+        frame["ret"] = ["s", core.store_address, ser.store_size()]
+        return frame
 
     def _raised(self, msg: dict, exc: Exception, start: float) -> dict:
         self._exit_if_store_lost(exc)
@@ -403,6 +467,15 @@ class TaskRunner:
                 # Where an owner elsewhere pulls from, and how big (for locality).
                 rets.append(["s", core.store_address, ser.store_size()])
         return rets
+
+
+def _counted(msg: dict, values: list) -> list:
+    """A generator's items as a task's ``num_returns`` values: as many as declared."""
+    nret = msg.get("nret", 1)
+    if len(values) != nret:
+        raise ValueError(f"task declared num_returns={nret} but its generator yielded "
+                         f"{len(values)} values")
+    return values
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,12 +30,14 @@ import hashlib
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 from libclient import object_ref, serialization
 from libclient.core import task_events, task_manager
 from libclient.core.actor_submitter import ActorConn, ActorSubmitter
 from libclient.core.errors import error_wire
+from libclient.core.generators import GeneratorsAndWaits
 from libclient.core.io_loop import Conn, IoLoop, RemoteRaylet
 from libclient.core.owner_notices import OwnerNotices
 from libclient.core.references import (
@@ -66,7 +68,7 @@ EVENT_FLUSH_S = 0.2
 _TASK_TYPES = {"task": "NORMAL_TASK", "actor": "ACTOR_TASK", "create": "ACTOR_CREATION_TASK"}
 
 
-class CoreWorker:
+class CoreWorker(GeneratorsAndWaits):
     """Per-process runtime: object ownership, task submission, get/put/wait."""
 
     def __init__(self, raylet_socket: str, *, kind: str, job_id: int = 0,
@@ -80,6 +82,8 @@ class CoreWorker:
         self._rpc: dict[int, list] = {}  # raylet request id -> [reply or None]
         self._exported: set[bytes] = set()
         self._fn_cache: dict[bytes, Any] = {}
+        # streaming generator tasks by task id, held by their ObjectRefGenerator
+        self._streams: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.current_task_id: bytes | None = None
         self.current_gpus: list[int] = []
         self.current_pg: list | None = None  # [placement group id, bundle, capture] of this task
@@ -603,9 +607,13 @@ class CoreWorker:
         del refs  # creation has no return value; errors surface at method calls
 
     def submit_actor_call(self, actor_id: bytes, method: str, name: str, args: tuple,
-                          kwargs: dict, *, num_returns: int, max_retries: int) -> list[ObjectRef]:
-        """Queue a method call on an actor, after every earlier call from here."""
+                          kwargs: dict, *, num_returns: int, max_retries: int,
+                          extra: dict | None = None) -> list[ObjectRef]:
+        """Queue a method call on an actor, after every earlier call from here.
+        ``extra``: more message fields (generator kind ``gen``, concurrency group ``cg``)."""
         msg_extra = {"method": method, "t": "call"}
+        if extra:
+            msg_extra.update(extra)
         return self._build_call(b"", name, args, kwargs, num_returns=num_returns, demand={},
                                 max_retries=max_retries, retry_exceptions=False,
                                 key=("actor", actor_id), spec=msg_extra)
@@ -628,8 +636,12 @@ class CoreWorker:
                     num_returns: int, demand: dict, max_retries: int, retry_exceptions: Any,
                     key: tuple | None, spec: dict | None, strategy: Any = None
                     ) -> list[ObjectRef]:
-        """Make a task, actor call or actor creation; queue it; return its refs."""
+        """Make a task, actor call or actor creation; queue it; return its refs
+        (``num_returns="streaming"``: one ObjectRefGenerator, see generators.py)."""
         tid = os.urandom(16)
+        streaming = num_returns == "streaming"
+        if streaming:
+            num_returns, spec = 1, {**(spec or {}), "gen": 1}
         deps = []
         if any(type(a) is ObjectRef for a in args):
             args = list(args)
@@ -700,6 +712,8 @@ class CoreWorker:
                 self._enqueue(task, strategy)
             elif strategy is not None:
                 self._submitter.remember_strategy(key, strategy)
+            if streaming:
+                return [self._new_stream(tid, out[0])]
         return out
 
     def _enqueue(self, task: Task, strategy: Any = None) -> None:
@@ -748,6 +762,16 @@ class CoreWorker:
         """Kill an actor; no call made from here after this reaches it."""
         with self._lock:
             self._actors.kill(actor_id, no_restart)
+
+    def exit_actor(self, cause: str, wait_s: float = 10.0) -> None:
+        """Inside an actor (``exit_actor()``): our raylet marks the actor DEAD,
+        no restart, and ends this process; never returns."""
+        with self._lock:
+            self._flush_events()
+            self._io.raylet_send({"t": "kill_actor", "actor_id": self.current_actor_id,
+                                  "no_restart": True, "cause": cause})
+        time.sleep(wait_s)  # the raylet ends us; if it never does, exit anyway
+        os._exit(0)
 
     # ---------------------------------------------------------------- cancel
     def cancel(self, ref: ObjectRef, force: bool) -> None:
@@ -839,10 +863,14 @@ class CoreWorker:
         if msgs is None:
             return
         for msg in msgs:
-            if msg.get("t") == "blk" and isinstance(conn, Lease):
+            t = msg.get("t")
+            if t == "blk" and isinstance(conn, Lease):
                 conn.blocked = bool(msg.get("on"))
                 if not conn.blocked:
                     self._submitter.task_done_on(conn)
+                continue
+            if t == "gi":  # an item a streaming generator yielded
+                self._on_stream_item(conn, msg)
                 continue
             self._on_task_reply(conn, msg)
         if not conn.inflight:
@@ -939,6 +967,9 @@ class CoreWorker:
                 entry.wire = error_wire(ObjectStoreFullError(str(exc)))
         if waiters:
             for task in waiters:
+                if type(task) is not Task:  # a ready-watch (generators.py)
+                    task(oid, entry)
+                    continue
                 if self._tasks.dependency_ready(task):
                     self._enqueue(task)
         if self._refs.unreferenced(oid, entry):
