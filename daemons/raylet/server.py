@@ -807,7 +807,7 @@ class Raylet:
             except ValueError as exc:
                 del self.actors.actors[actor_id]
                 raise ProtocolError(f"bad runtime env: {exc}") from None
-        if grant_or_reject and not demand.fits_in(self.total):
+        if grant_or_reject and not demand.fits_in(self.scheduler.total):  # + placement bundles
             self.actors.init_failed(actor_id, f"infeasible: needs {res}, node has "
                                               f"{self.total.to_dict()}")
             self._publish_actor(record)

@@ -63,7 +63,7 @@ POLL_S = 0.25
 # actor whose node died before it gives up on it (never hang).
 ORPHAN_GRACE_S = 10.0
 _SPEC_KEYS = ("class_name", "name", "namespace", "detached", "max_restarts",
-              "max_concurrency", "is_async", "meta", "renv")
+              "max_concurrency", "is_async", "meta", "renv", "pg")  # pg: placement group
 
 
 class ActorConn(Conn):
