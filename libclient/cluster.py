@@ -6,7 +6,9 @@ raylet as its children in a private runtime directory, reports their
 addresses, and tears everything down when the pipe closes: on ``shutdown()``,
 at interpreter exit, and when the driver is killed (the kernel closes the
 pipe). Its children also get PR_SET_PDEATHSIG, so they stop even if the
-launcher itself is killed.
+launcher itself is killed. The launcher gets it only when started from the
+main thread: the kernel's "parent" is the forking *thread*, so a node added
+from another thread would die when that thread ends (the pipe covers it).
 
 This module never imports the daemons; it runs them as programs.
 """
@@ -21,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -33,6 +36,10 @@ _START_TIMEOUT_S = 30.0
 def _die_with_parent() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def runtime_base() -> str:
@@ -61,7 +68,8 @@ class EmbeddedCluster:
         ready_r, ready_w = os.pipe()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "libclient.cluster", json.dumps(spec), str(ready_w)],
-            stdin=subprocess.PIPE, pass_fds=(ready_w,), preexec_fn=_die_with_parent,
+            stdin=subprocess.PIPE, pass_fds=(ready_w,),
+            preexec_fn=_die_with_parent if _on_main_thread() else None,
             close_fds=True)
         os.close(ready_w)
         try:

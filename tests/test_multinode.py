@@ -99,6 +99,29 @@ def test_graceful_removal_is_seen_at_once_and_sigkill_within_the_timeout(cluster
     assert "doomed" not in ray.cluster_resources()
 
 
+def test_a_node_added_from_a_thread_outlives_the_thread(cluster):
+    # Found by the chaos suite: PR_SET_PDEATHSIG fires when the *thread*
+    # that forked the node's launcher ends, so nodes a helper thread added
+    # all left together when it finished.
+    import threading
+
+    import libclient as ray
+
+    added = []
+    t = threading.Thread(target=lambda: added.append(cluster.add_node(
+        num_cpus=1, resources={"threaded": 1})))
+    t.start()
+    t.join(60)
+    node = added[0]
+    try:
+        _wait(lambda: ray.cluster_resources().get("threaded") == 1, what="node to join")
+        time.sleep(1.5)
+        assert all(p.is_running() for p in node.all_processes())
+        assert ray.cluster_resources().get("threaded") == 1
+    finally:
+        cluster.remove_node(node)
+
+
 def test_init_by_gcs_address_without_a_local_raylet_says_why(tmp_path):
     from libclient.api import _local_raylet
 
