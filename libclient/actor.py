@@ -191,7 +191,7 @@ class ActorClass:
             spec["renv"] = renv[1]
         core.create_actor(actor_id, key, meta["class_name"], args, kwargs,
                           demand={k: v for k, v in demand.items() if v}, spec=spec)
-        handle = ActorHandle(actor_id, meta, retries)
+        handle = ActorHandle(actor_id, spec["meta"], retries)  # with its concurrency groups
         if not name and opts.get("lifetime") != "detached":
             core.actor_scoped_to_handles(actor_id)
         return handle
