@@ -65,7 +65,7 @@ from libclient.object_ref import ObjectRef
 from libclient.protocol import Connection
 
 EVENT_FLUSH_S = 0.2
-_TASK_TYPES = {"task": "NORMAL_TASK", "actor": "ACTOR_TASK", "create": "ACTOR_CREATION_TASK"}
+_TASK_TYPES = {"task": 0, "actor": 1, "create": 2}  # task_events.TYPES
 
 
 class CoreWorker(GeneratorsAndWaits):
@@ -694,7 +694,7 @@ class CoreWorker(GeneratorsAndWaits):
                 out.append(ObjectRef(oid, self.pid, self.store_address))
             event = {"name": name, "fn": fn_key, "job": self.job_id, "nret": num_returns,
                      "deps": [r._id for _, r in deps], "owner_pid": self.pid,
-                     "owner_node": self.node_id, "type": _TASK_TYPES.get(key[0], "NORMAL_TASK")}
+                     "owner_node": self.node_id, "ty": _TASK_TYPES.get(key[0], 0)}
             if key[0] != "task":
                 event["actor_id"] = key[1]
             task = Task(tid, key, demand, msg, deps, return_ids, max_retries, name, refs, event)

@@ -9,11 +9,12 @@ batches. Shoal does the same with as little new traffic as it can:
   lineage record, ``task_manager``), keyed by the 16-byte task id. Each row
   carries the spec, the state (Ray's PENDING_ARGS_AVAIL,
   PENDING_NODE_ASSIGNMENT, SUBMITTED_TO_WORKER, then FINISHED or FAILED),
-  ``times`` (when it first entered each state, wall clock) and, once the
-  worker answered, ``exec``: ``[t0, args_s, run_s]`` — when the worker took
-  the task, how long fetching its arguments took, and how long the whole run
-  took — plus the worker's pid, id and node (the owner knows these from the
-  lease or the actor's row). The worker adds ``t0`` (and ``af`` when the task
+  ``ts`` (when it first entered each state, wall clock) and, once the
+  worker answered, ``x``: ``[t0, args_s, run_s, pid, worker id, node]`` —
+  when the worker took the task, how long fetching its arguments took, how
+  long the whole run took, and where (the owner knows the worker from the
+  lease or the actor's row). Both are flat lists, so the rows stay cheap to
+  encode and for gcsd to store; readers spell them out (:func:`expand`). The worker adds ``t0`` (and ``af`` when the task
   had arguments by reference) to its ``done`` reply: two floats, no new
   message, no gcsd write from the worker for a task that ends quickly.
 * **The executor** writes one row of its own, key ``task id + b"R"``, only
@@ -33,18 +34,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from libclient.core.task_manager import TS_STATES
+
 RUNNING_CHECK_S = 1.0
 RUNNING_AFTER_S = 0.5
 RUNNING_SUFFIX = b"R"
 
 TERMINAL = ("FINISHED", "FAILED")
+# Ray's task types, by the code owners store (``ty``).
+TYPES = ("NORMAL_TASK", "ACTOR_TASK", "ACTOR_CREATION_TASK")
 # Ray's task states, in the order a task goes through them.
 STATES = ("PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKER", "RUNNING",
           "FINISHED", "FAILED")
 
 
 def where_it_ran(reply: dict, conn: Any, here: bytes) -> dict:
-    """The owner's note of a worker's ``done`` reply: when and where it ran.
+    """The owner's note of a worker's ``done`` reply: when and where it ran, as
+    one flat list ``x`` = [t0, args_s, run_s, worker pid, worker id, node id].
 
     ``conn`` is the lease (worker pid/id, and the remote raylet it came from)
     or the actor connection (pid and node from the actor's row)."""
@@ -52,11 +58,28 @@ def where_it_ran(reply: dict, conn: Any, here: bytes) -> dict:
     if not node:
         rr = getattr(conn, "raylet", None)
         node = getattr(rr, "node_id", None) or here
-    t0 = reply.get("t0")
-    return {"exec": [t0 if isinstance(t0, float) else 0.0, _num(reply.get("af")),
-                     _num(reply.get("dur"))],
-            "worker_pid": getattr(conn, "pid", 0) or 0, "node_id": node,
-            "worker_id": getattr(conn, "worker_id", b"") or b""}
+    return {"x": [reply.get("t0", 0.0), reply.get("af", 0.0), reply.get("dur", 0.0),
+                  getattr(conn, "pid", 0) or 0, getattr(conn, "worker_id", b"") or b"", node]}
+
+
+def expand(row: dict) -> dict:
+    """An owner's stored row with its compact fields (``ts``, ``x``, ``ty``)
+    spelled out: ``times`` by state name, ``exec``, worker pid/id, node, type."""
+    out = dict(row)
+    ts = out.pop("ts", None)
+    if isinstance(ts, list) and len(ts) == len(TS_STATES):
+        end = "FAILED" if out.get("state") == "FAILED" else "FINISHED"
+        out["times"] = {(end if name == "END" else name): t
+                        for name, t in zip(TS_STATES, ts, strict=True)
+                        if isinstance(t, (int, float)) and t > 0}
+    x = out.pop("x", None)
+    if isinstance(x, list) and len(x) == 6:
+        out["exec"] = [_num(x[0]), _num(x[1]), _num(x[2])]
+        out["worker_pid"], out["worker_id"], out["node_id"] = x[3], x[4], x[5]
+    ty = out.pop("ty", None)
+    if isinstance(ty, int) and 0 <= ty < len(TYPES):
+        out["type"] = TYPES[ty]
+    return out
 
 
 def running_row(info: tuple | None, reported: bytes | None, now: float, pid: int,
@@ -83,7 +106,7 @@ def merge_rows(items: list[tuple[bytes, Any]]) -> dict[bytes, dict]:
         if not isinstance(value, dict) or not isinstance(key, bytes):
             continue
         if len(key) == 16:
-            owners[key] = value
+            owners[key] = expand(value)
         elif len(key) == 17 and key.endswith(RUNNING_SUFFIX):
             running[key[:16]] = value
     out: dict[bytes, dict] = {}

@@ -14,9 +14,9 @@ FAILED) queues the whole row with the new state for gcsd's ``tasks`` table;
 the core worker sends the queue in one batch every 200 ms. A batch entry
 replaces the row, so each carries the full spec: this is the record later
 issues reconstruct lost objects from. The row also keeps when it first
-entered each state (``times``, from the injected clock) and, once a worker
-answered, where and when it ran (``exec``): the state API and the timeline
-read these (libclient/util/state.py).
+entered each state (``ts``, from the injected clock) and, once a worker
+answered, where and when it ran (``x``): the state API and the timeline
+read these (task_events.py).
 
 *Outcomes.* A worker's reply, or the loss of the connection a task ran on,
 becomes one decision: RETRY (the caller requeues it), CANCELLED, FINISHED or
@@ -49,6 +49,12 @@ FAILED = 3
 
 # The worker's "err" field: 0 ok, 1 raised, 2 raised and retryable.
 _RETRYABLE = 2
+
+# When a row first entered each state: ``ts[i]`` for TS_STATES[i] (FINISHED and
+# FAILED share the last slot). task_events.merge_rows turns it into ``times``.
+TS_STATES = ("PENDING_ARGS_AVAIL", "PENDING_NODE_ASSIGNMENT", "SUBMITTED_TO_WORKER", "END")
+_TS_INDEX = {"PENDING_ARGS_AVAIL": 0, "PENDING_NODE_ASSIGNMENT": 1, "SUBMITTED_TO_WORKER": 2,
+             "FINISHED": 3, "FAILED": 3}
 
 MAX_LINEAGE_BYTES = 256 * 1024 * 1024
 _SPEC_OVERHEAD = 512  # bytes a kept spec costs beyond its inline arguments
@@ -111,11 +117,12 @@ class TaskManager:
         if ev is None:
             ev = self.events[task.tid] = dict(task.event)
         ev["state"] = state
-        times = task.event.get("times")
-        if times is None:
-            times = task.event["times"] = ev["times"] = {}
-        if state not in times:  # first entry into a state (a retry keeps the first)
-            times[state] = self.clock()
+        ts = task.event.get("ts")
+        if ts is None:  # a flat list: cheap to encode here and to store in gcsd
+            ts = task.event["ts"] = ev["ts"] = [0.0, 0.0, 0.0, 0.0]
+        i = _TS_INDEX.get(state)
+        if i is not None and not ts[i]:  # first entry into a state (a retry keeps the first)
+            ts[i] = self.clock()
 
     def annotate(self, task: Task, fields: dict) -> None:
         """Add fields to the task's row (where it ran, say), queued or not."""

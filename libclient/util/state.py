@@ -16,7 +16,8 @@ connected driver (``address=None``) or from anywhere with ``address=
   recorded them (batched). Small values that live only in their owner's
   memory are not listed: asking every process for its reference table would
   cost a call per process, and Ray's own listing is a best-effort snapshot too;
-* placement groups: the ``placement_groups`` table when the cluster has it.
+* placement groups: the rows their coordinating raylets keep in gcsd's kv
+  (libclient/util/placement_group.py).
 
 Rows are :class:`~libclient.util.state_rows.StateRow` dicts with Ray's field
 names, also readable as attributes. ``filters`` are ``(column, "=" | "!=",
@@ -37,7 +38,6 @@ __all__ = ["RayStateApiException", "StateRow", "get_actor", "get_node", "get_tas
 
 # The tasks table grows with every task; a listing reads at most this many rows.
 MAX_TASK_ROWS = 200_000
-PG_TABLE = "placement_groups"
 
 
 class _Gcs:
@@ -59,9 +59,10 @@ class _Gcs:
         url = address if address.startswith("tcp://") else f"tcp://{address}"
         self._own = self.gcs = GcsClient(url, timeout=timeout)
 
-    def scan(self, table: str, limit: int | None = None) -> list[tuple[bytes, Any]]:
+    def scan(self, table: str, limit: int | None = None, prefix: bytes = b""
+             ) -> list[tuple[bytes, Any]]:
         try:
-            return self.gcs.table_scan(table, limit=limit)
+            return self.gcs.table_scan(table, prefix=prefix, limit=limit)
         except Exception as exc:
             raise RayStateApiException(f"cannot read gcsd's {table} table: {exc}") from exc
 
@@ -197,15 +198,22 @@ def list_placement_groups(address: str | None = None, filters: list | None = Non
                           limit: int = DEFAULT_LIMIT, timeout: int = 30,
                           detail: bool = False, raise_on_missing_output: bool = True,
                           _explain: bool = False) -> list[StateRow]:
-    """Placement groups (placement_group_id, name, state, ...); [] on a
-    cluster whose gcsd has no placement-group table."""
+    """Placement groups (placement_group_id, name, state, strategy; with
+    ``detail`` their bundles and the node of each)."""
+    import msgpack
+
+    from libclient.util.placement_group import ROWS_NS
+
+    prefix = ROWS_NS.encode() + b"\x00"  # the coordinating raylets' rows in gcsd's kv
+    rows = []
     with _Gcs(address, timeout) as g:
-        try:
-            items = g.gcs.table_scan(PG_TABLE)
-        except Exception:
-            items = []  # no such table on this gcsd
-        rows = [state_rows.placement_group_state(k, v, detail) for k, v in items
-                if isinstance(v, dict)]
+        for key, raw in g.scan("kv", prefix=prefix):
+            try:
+                row = msgpack.unpackb(raw, raw=False)
+            except Exception:
+                continue
+            if isinstance(row, dict):
+                rows.append(state_rows.placement_group_state(key[len(prefix):], row, detail))
     return _finish(rows, filters, limit, state_rows.placement_group_state(b"", {}, False))
 
 
