@@ -52,7 +52,9 @@ def _count_states(gcs: GcsClient, table: str, limit: int | None = None) -> dict[
     except GcsError:
         return None
     counts: collections.Counter[str] = collections.Counter()
-    for _key, value in items:
+    for key, value in items:
+        if table == "tasks" and len(key) != 16:
+            continue  # a worker's RUNNING row (task_events.py): the owner's row counts
         state = value.get("state") if isinstance(value, dict) else None
         counts[str(state or "UNKNOWN")] += 1
     return dict(sorted(counts.items()))
