@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
 import time
@@ -56,6 +57,10 @@ def exit_actor() -> None:
     core = api._core
     if core is None or core.kind != "worker" or core.current_actor_id is None:
         raise TypeError("exit_actor() can only be called inside an actor")
+    # Exit handlers the actor's code installed run first, as in Ray; ours (the
+    # API's shutdown) must not, or a call still running here could start a cluster.
+    atexit.unregister(api.shutdown)
+    atexit._run_exitfuncs()
     core.exit_actor("the actor exited intentionally: exit_actor() was called")
 
 

@@ -379,8 +379,10 @@ def wait(refs: list[ObjectRef], *, num_returns: int = 1, timeout: float | None =
 
 
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    if type(ref).__name__ == "ObjectRefGenerator":  # a streaming task: cancel it
+        ref = ref.completed()
     if not isinstance(ref, ObjectRef):
-        raise TypeError("cancel() expects an ObjectRef")
+        raise TypeError("cancel() expects an ObjectRef or an ObjectRefGenerator")
     _require().cancel(ref, force)
 
 

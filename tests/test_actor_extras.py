@@ -197,3 +197,22 @@ def test_undefined_concurrency_group_is_refused(ray):
         Bad.remote()
     with pytest.raises(ValueError, match="concurrency_groups"):
         ray.remote(concurrency_groups={"io": 0})(type("C", (), {}))
+
+
+def test_exit_actor_runs_the_actors_exit_handlers(ray, tmp_path):
+    marker = str(tmp_path / "atexit-ran")
+
+    @ray.remote
+    class WithHandler:
+        def __init__(self, path):
+            import atexit
+
+            atexit.register(lambda: open(path, "w").write("ran"))
+
+        def quit(self):
+            ray.actor.exit_actor()
+
+    a = WithHandler.remote(marker)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(a.quit.remote(), timeout=30)
+    assert open(marker).read() == "ran"

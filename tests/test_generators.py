@@ -240,3 +240,23 @@ def test_async_generator_methods_on_async_actors(ray):
         return [await r async for r in a.stream.remote(3)]
 
     assert asyncio.run(consume()) == [0, 1, 2]
+
+
+def test_cancel_a_streaming_task_midway(ray):
+    @ray.remote(max_retries=0)
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+            time.sleep(0.01)
+
+    g = endless.remote()
+    assert ray.get(next(g), timeout=20) == 0
+    ray.cancel(g)
+    refs = []
+    with pytest.raises(ray.exceptions.TaskCancelledError):
+        for ref in g:  # the items yielded before the cancel, then the cancellation
+            refs.append(ref)
+            ray.get(ref, timeout=20)
+    assert g.is_finished()
