@@ -22,7 +22,12 @@ from typing import Any
 
 from libclient import api, logs, peer_guard, security, serialization, spin
 from libclient.core import CoreWorker, error_wire_from
-from libclient.exceptions import ObjectLostError, RaySystemError, TaskCancelledError
+from libclient.exceptions import (
+    ObjectLostError,
+    OwnerDiedError,
+    RaySystemError,
+    TaskCancelledError,
+)
 from libclient.object_ref import ObjectRef
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
@@ -413,8 +418,11 @@ class TaskRunner:
                     (value,) = self.core.get([ObjectRef(dep[2], dep[3], where, _count=False)],
                                              None)
                 except ObjectLostError as exc:
-                    if type(exc) is not ObjectLostError:
-                        raise  # its owner died, or it cannot be rebuilt: say so
+                    # The ref above names where a copy was, not its owner, so
+                    # an "owner died" verdict about it only means that copy's
+                    # node is gone: the owner (who sent us this task) rebuilds.
+                    if type(exc) not in (ObjectLostError, OwnerDiedError):
+                        raise  # it cannot be rebuilt: say so
                     raise _LostArgument(dep[2], str(exc)) from exc
             if slot == "*":
                 args, kwargs = list(value[0]), value[1]
