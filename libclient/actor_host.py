@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from libclient import peer_guard, security, serialization, spin
+from libclient.call_check import malformed_call
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 _DEFAULT_ASYNC_CONCURRENCY = 1000
@@ -161,6 +162,11 @@ class ActorHost:
                         data, msgs = b"", []
                     for msg in msgs:
                         if msg["t"] == "call":
+                            if (why := malformed_call(msg)) is not None:  # call_check
+                                self.runner.log.warning("bad_message", peer="actor caller",
+                                                        actor_id=self.actor_id.hex(), error=why)
+                                data = b""  # close this caller; the actor serves on
+                                break
                             self._dispatch(caller, msg)
                 if not data:
                     sel.unregister(caller.sock)

@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from libclient import api, logs, peer_guard, security, serialization, spin
+from libclient.call_check import malformed_call
 from libclient.core import CoreWorker, error_wire_from
 from libclient.exceptions import (
     ObjectLostError,
@@ -155,6 +156,8 @@ class TaskRunner:
                 while self.backlog:
                     msg = self.backlog.popleft()
                     if msg["t"] == "task":
+                        if (why := malformed_call(msg)) is not None:  # call_check
+                            raise ProtocolError(f"malformed task: {why}")
                         conn.sendall(pack(self.run(msg)))
                     elif msg["t"] == "actor_init":
                         from libclient.actor_host import ActorHost

@@ -86,6 +86,7 @@ class _Conn:
     born: float = 0.0  # accepted at (loop time): peer_limits sweep
     tx_at: float = 0.0  # the peer last took output (loop time)
     got_msg: bool = False
+    peer_pid: int = 0  # SO_PEERCRED's pid of a local peer (what hello's pid must be)
 
 
 @dataclass(eq=False)
@@ -263,7 +264,8 @@ class Raylet:
         except OSError as exc:  # EMFILE and friends: keep serving the others
             self.log.warning("accept_failed", error=str(exc))
             return
-        if self.gate.admit(sock) is None or not self._admit_more(sock):  # peer_limits
+        cred = self.gate.admit(sock)  # peer_limits: SO_PEERCRED on local peers
+        if cred is None or not self._admit_more(sock):
             return
         sock.setblocking(False)
         if sock.family != socket.AF_UNIX:
@@ -272,6 +274,7 @@ class Raylet:
         self._next_cid += 1
         conn = _Conn(sock, self._next_cid, born=self.last_loop, tx_at=self.last_loop)
         conn.decoder.max_frame = self.limits.max_frame
+        conn.peer_pid = cred.pid
         self._nconn[sock.family] += 1
         self.conns[conn.cid] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
@@ -449,7 +452,10 @@ class Raylet:
             raise ProtocolError(f"unknown client kind {kind!r}")
         conn.kind = kind
         if kind != "remote" and conn.sock.family == socket.AF_UNIX:
-            conn.pid = mfield(msg, "pid", int, 0)
+            claimed = mfield(msg, "pid", int, 0)
+            # The kernel's pid, not the claimed one (peer_limits): a local
+            # client cannot take another process's ``to_pid`` notices.
+            conn.pid = (conn.peer_pid or claimed) if claimed else 0
             if conn.pid:
                 self._by_pid[conn.pid] = conn
         if kind == "worker" and conn.sock.family != socket.AF_UNIX:

@@ -1,0 +1,48 @@
+"""The black-box port fuzzer (tests/fuzz_ports.py) against a real 2-node cluster.
+
+A few seconds here (seeded); ``-m chaos_long`` runs it for a minute, and
+``python tests/fuzz_ports.py --seconds N`` for as long as one likes.
+"""
+
+import os
+
+import fuzz_ports  # noqa: E402  (tests/ is on sys.path under pytest)
+import pytest
+
+import libclient as ray
+from libclient.cluster_utils import Cluster
+
+
+@pytest.fixture
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        c.add_node(num_cpus=2)
+        c.connect()
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+def _check(cluster, seconds, seed):
+    report = fuzz_ports.fuzz(cluster, seconds, seed, fuzz_ports.default_workload)
+    print("\n" + "\n".join(report.lines()))
+    assert fuzz_ports.still_serving(cluster) == []
+    assert report.workload_wrong == [] and report.workload_ok > 0
+    assert set(report.rss_after) == set(report.rss_before), "a daemon died"
+    for name, after in report.rss_after.items():
+        assert after - report.rss_before[name] < fuzz_ports.RSS_BOUND, name
+    kinds = {t.kind for t in report.targets if t.sent}
+    assert {"unix", "tls", "raw", "zmq", "zmq_raw"} <= kinds
+    assert any("worker" in t.name and t.sent for t in report.targets)
+    return report
+
+
+def test_fuzzing_every_port_leaves_every_daemon_serving(cluster):
+    _check(cluster, float(os.environ.get("SHOAL_FUZZ_SECONDS", "6")), seed=11)
+
+
+@pytest.mark.chaos_long
+def test_fuzzing_every_port_for_a_minute(cluster):
+    _check(cluster, 60.0, seed=12)
