@@ -194,6 +194,10 @@ class PlacementService:
             actions = self.coord.create(group)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(str(exc)) from None
+        # Plan at once: a group placed on this node alone is CREATED before the
+        # reply, in one gcsd write (rows are written once per batch of actions).
+        if not self.coord.busy:
+            actions += self._plan()
         self._run(actions)
         self.r._send(conn, {"r": rid, "ok": True})
         self.step()
@@ -248,10 +252,13 @@ class PlacementService:
     def step(self) -> None:
         if self.coord.busy or not self.coord.pending():
             return
+        self._run(self._plan())
+
+    def _plan(self) -> list:
         view = self.r.view
         available = {n: view.node(n).available for n in view.alive_nodes()}
         available[self.r.node_id] = self.r.scheduler.available
-        self._run(self.coord.step(available, time.monotonic(), view.cursor))
+        return self.coord.step(available, time.monotonic(), view.cursor)
 
     def owner_gone(self, cid: int) -> None:
         """A connection closed: the groups it created (not detached) end with it."""
@@ -286,6 +293,7 @@ class PlacementService:
     def _run(self, actions: list) -> None:
         todo = collections.deque(actions)
         changed = False
+        rows: dict[bytes, Persist] = {}  # the last state of each group, written once
         while todo:
             a = todo.popleft()
             now = time.monotonic()
@@ -303,8 +311,10 @@ class PlacementService:
                                                 "coordinator": self.r.node_id},
                                        ("prepare", a.pg_id, a.index, a.node)):
                     todo.extend(self.coord.prepared(a.pg_id, a.index, a.node, False, now))
-                else:
-                    self.r.view.subtract(a.node, a.resources, now)  # until its next report
+                # No optimistic subtraction from the view here: a bundle returned
+                # within one report period is never reported, so a guess would
+                # outlive the reservation. A stale view costs a refused prepare
+                # and a retry, never a wrong placement.
             elif isinstance(a, Commit):
                 if a.node == self.r.node_id:
                     change = self.host.commit(a.pg_id, a.index)
@@ -321,7 +331,10 @@ class PlacementService:
                 self._return(a)
                 changed = True
             elif isinstance(a, Persist):
-                self._persist(a)
+                forget = a.forget or (a.group.pg_id in rows and rows[a.group.pg_id].forget)
+                rows[a.group.pg_id] = Persist(a.group, forget)
+        for p in rows.values():  # before scheduling: a ready() task then finds its row
+            self._persist(p)
         if changed:
             self.r._schedule()
 
@@ -341,6 +354,10 @@ class PlacementService:
 
     def _apply(self, change: Change) -> None:
         sched = self.r.scheduler
+        if change.add.names() and self.r.view.alive_count > 1:
+            # A committed bundle: other raylets must see its resources to send
+            # its tasks here, so report on the next turn, not within 0.1 s.
+            self.r._last_report = 0.0
         if change.acquire.names():
             sched.acquire(change.acquire)
         if change.add.names():

@@ -130,11 +130,24 @@ class PlacementGroup:
             self._raw, self._bundles, self._strategy)
 
     def wait(self, timeout_seconds: float = 30) -> bool:
-        """True once the group is placed; False if it is not within ``timeout_seconds``."""
-        from libclient.api import wait
+        """True once the group is placed; False if it is not within ``timeout_seconds``.
 
-        ready, _ = wait([self.ready()], timeout=timeout_seconds)
-        return bool(ready)
+        Reads the group's row in gcsd (Ray asks its GCS too), so it costs no
+        task and no worker; ``ready()`` is the ObjectRef form.
+        """
+        deadline = time.monotonic() + timeout_seconds
+        delay = 0.0005
+        while True:
+            row = _row(self._raw)
+            if row is not None and row.get("state") == "CREATED":
+                return True
+            if row is not None and row.get("state") == "REMOVED":
+                return False
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(delay, left))
+            delay = min(0.05, delay * 2)
 
     def __reduce__(self) -> Any:
         return (PlacementGroup, (self._raw, self._bundles, self._strategy))
