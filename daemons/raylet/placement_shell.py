@@ -354,9 +354,10 @@ class PlacementService:
 
     def _apply(self, change: Change) -> None:
         sched = self.r.scheduler
-        if change.add.names() and self.r.view.alive_count > 1:
-            # A committed bundle: other raylets must see its resources to send
-            # its tasks here, so report on the next turn, not within 0.1 s.
+        if (change.add.names() or change.remove.names()) and self.r.view.alive_count > 1:
+            # A bundle committed or returned: other raylets must see it (to send
+            # its tasks here, to plan the next group), so report on the next
+            # turn, not within 0.1 s. At most two reports per bundle.
             self.r._last_report = 0.0
         if change.acquire.names():
             sched.acquire(change.acquire)

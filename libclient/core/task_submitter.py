@@ -382,8 +382,9 @@ class TaskSubmitter:
 
     def return_idle_leases_of(self, wanted: Callable[[dict], bool]) -> None:
         """Return at once the idle leases of classes whose demand ``wanted`` picks
-        (a placement group about to be removed: its raylet would kill them)."""
-        for cls in self.classes.values():
+        (a placement group about to be removed: its raylet would kill them).
+        Classes left with nothing go too: each group makes its own."""
+        for key, cls in list(self.classes.items()):
             if cls.queue or not wanted(cls.demand):
                 continue
             for lease in list(cls.leases):
@@ -393,6 +394,8 @@ class TaskSubmitter:
                     self._io.close_conn(lease)
                     self._io.send_to(lease.raylet, {"t": "return_lease",
                                                  "lease_id": lease.lease_id, "kill": False})
+            if not cls.leases and not cls.requests:
+                del self.classes[key]
 
     # --------------------------------------------------------------- cancel
     def cancel_running(self, task: Task, lease: Lease, force: bool) -> None:
