@@ -174,7 +174,8 @@ def security_summary() -> str:
     keys = security.current()
     if keys is None:
         return "OFF: no [security] keys_dir, links between hosts are open (docs/security.md)"
-    bulk = "TLS" if keys.encrypt_bulk else "HMAC-authenticated, unencrypted"
+    bulk = ("TLS-keyed AES-GCM" if keys.encrypt_bulk
+            else "HMAC-authenticated, GMAC-checked, unencrypted")
     return f"TLS 1.3 + CURVE with {keys.directory}; stored transfers {bulk}"
 
 

@@ -13,8 +13,8 @@ before a message on it is acted on. One key directory per cluster
 ``curve.public``   the cluster's ZeroMQ CURVE keypair (z85): gcsd's server key
 ``curve.secret``   and every client's key
 ``curve.trusted``  optional: more CURVE public keys gcsd accepts (rotation)
-``cluster.secret`` 32 random bytes (hex) for the HMAC handshake of links that
-                   authenticate but do not encrypt (``[security] encrypt_bulk``)
+``cluster.secret`` 32 random bytes (hex) for the HMAC handshake of bulk links
+                   that authenticate but do not encrypt (``[security] encrypt_bulk``)
 =================  ==========================================================
 
 Which mechanism where (measured, docs/benchmarks.md): ZeroMQ links (gcsd
@@ -33,10 +33,11 @@ deadline). A peer that fails the handshake raises :class:`ssl.SSLError`
 (an ``OSError``) from ``recv``, which every loop already turns into a
 closed connection and a log line with the peer address.
 
-:class:`HmacHandshake` is the pure state machine of the authenticate-only
+:class:`HmacHandshake` is the pure state machine of the cluster-secret
 handshake (challenge-response with nonces both ways, so a replayed handshake
-fails); :class:`HmacSocket` drives it over a socket and then passes plain
-bytes.
+fails). The stored-to-stored bulk link (``bulk=True``) authenticates with
+TLS (or, with ``encrypt_bulk = false``, this handshake), then carries large
+AES-GCM records of its own: :mod:`libclient.bulk_link`.
 
 Private key files must not be readable by group or others (as ssh demands):
 :func:`load` refuses them, naming the file.
@@ -425,8 +426,9 @@ def server_wrap(sock: socket.socket, keys: ClusterKeys | None = None, *,
     keys = keys if keys is not None else current()
     if keys is None:
         return sock
-    if bulk and not keys.encrypt_bulk:
-        return HmacSocket(sock, keys.secret, server=True)  # type: ignore[return-value]
+    if bulk:  # authenticate, agree on keys, then big AES-GCM records (bulk_link)
+        from libclient import bulk_link
+        return bulk_link.server_socket(sock, keys)  # type: ignore[return-value]
     return keys.server_context().wrap_socket(sock, server_side=True,
                                              do_handshake_on_connect=False)
 
@@ -444,11 +446,12 @@ def client_wrap(sock: socket.socket, keys: ClusterKeys | None = None, *, bulk: b
     keys = keys if keys is not None else current()
     if keys is None:
         return sock
-    if bulk and not keys.encrypt_bulk:
-        hs = HmacSocket(sock, keys.secret, server=False)
+    if bulk:
+        from libclient import bulk_link
+        sealed = bulk_link.client_socket(sock, keys)
         if handshake:
-            hs.handshake_blocking(timeout)
-        return hs  # type: ignore[return-value]
+            sealed.handshake_blocking(timeout)
+        return sealed  # type: ignore[return-value]
     if not handshake:
         return keys.client_context().wrap_socket(sock, do_handshake_on_connect=False)
     saved = sock.gettimeout()
@@ -547,98 +550,6 @@ class HmacHandshake:
         self.buf = bytearray()
         self.done = True
         return rest
-
-
-class HmacSocket:
-    """A socket that runs :class:`HmacHandshake` first, then passes bytes as they are.
-
-    Non-blocking like the socket beneath: until the handshake is done, reads
-    and writes raise BlockingIOError; a failed handshake raises
-    :class:`AuthError`. Other attributes are the socket's own.
-    """
-
-    def __init__(self, sock: socket.socket, secret: bytes, *, server: bool) -> None:
-        self._sock = sock
-        self._hs = HmacHandshake(secret, server=server)
-        self._rest = b""
-        self._started = server  # the server sends nothing first
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> HmacSocket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _progress(self) -> None:
-        """Advance the handshake as far as the socket allows now."""
-        if not self._started:
-            self._sock.sendall(self._hs.start())
-            self._started = True
-        while not self._hs.done:
-            data = self._sock.recv(4096)  # BlockingIOError passes up: not yet
-            if not data:
-                raise AuthError(f"{peer_of(self._sock)} closed during the handshake")
-            out, rest = self._hs.feed(data)
-            if self._hs.failed:
-                raise AuthError(f"{peer_of(self._sock)}: {self._hs.failed}")
-            if out:
-                self._sock.sendall(out)
-            self._rest += rest
-
-    def handshake_blocking(self, timeout: float) -> None:
-        saved = self._sock.gettimeout()
-        self._sock.settimeout(timeout)
-        try:
-            self._progress()
-        except (TimeoutError, OSError) as exc:
-            self._sock.close()
-            raise AuthError(f"handshake with {peer_of(self._sock)} failed: {exc}") from None
-        finally:
-            if self._sock.fileno() >= 0:
-                self._sock.settimeout(saved)
-
-    def recv(self, n: int, flags: int = 0) -> bytes:
-        if not self._hs.done:
-            self._progress()
-        if self._rest:
-            data, self._rest = self._rest[:n], self._rest[n:]
-            return data
-        return self._sock.recv(n, flags)
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        if not self._hs.done:
-            self._progress()
-        if self._rest:
-            view = memoryview(buffer).cast("B")
-            n = min(len(view) if not nbytes else nbytes, len(self._rest))
-            view[:n] = self._rest[:n]
-            self._rest = self._rest[n:]
-            return n
-        return self._sock.recv_into(buffer, nbytes, flags)
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        if not self._hs.done:
-            self._progress()
-        return self._sock.send(data, flags)
-
-    def sendall(self, data: Any) -> None:
-        if not self._hs.done:
-            self._progress()
-        self._sock.sendall(data)
-
-    def sendmsg(self, buffers: Any, *args: Any) -> int:
-        if not self._hs.done:
-            self._progress()
-        return self._sock.sendmsg(buffers, *args)
 
 
 # ------------------------------------------------------------------ ZeroMQ

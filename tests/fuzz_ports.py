@@ -248,7 +248,8 @@ def hit(rng: random.Random, target: Target, ctx: zmq.Context) -> None:
             sock.settimeout(0.5)  # a busy worker accepts late: move on
             sock.connect(target.address)
         elif target.kind == "tls":
-            sock = security.connect(target.address, 0.3)
+            # The transfer port speaks the bulk link (libclient/bulk_link.py).
+            sock = security.connect(target.address, 0.3, bulk=target.samples_key == "transfer")
         else:
             sock = socket.create_connection(target.address, timeout=0.5)
         sock.settimeout(0.5)
