@@ -49,6 +49,7 @@ def test_async_actor_awaiting_another_actor_from_the_issue(ray):
     # We are able to run get_num_executed_tasks while run method is running.
     num_executed_tasks = ray.get(async_task_executor.get_num_executed_tasks.remote(), timeout=10)
     assert num_executed_tasks > 10
+    time.sleep(0.3)
     later = ray.get(async_task_executor.get_num_executed_tasks.remote(), timeout=10)
     assert later > num_executed_tasks  # the loop keeps advancing
     ray.kill(async_task_executor)
