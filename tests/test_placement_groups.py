@@ -183,6 +183,15 @@ def test_placement_group_table_contents(cluster):
 
 
 def test_bad_arguments_are_clear_errors(cluster):
+    import libclient as ray
+
+    assert ray.util.placement_group is placement_group  # Ray's spelling works too
+    one = placement_group([{"CPU": 0.1}])
+    try:
+        with pytest.raises(ValueError):
+            ray.remote(_node).options(scheduling_strategy=PGS(one, 3))  # it has one bundle
+    finally:
+        remove_placement_group(one)
     with pytest.raises(ValueError):
         placement_group([], strategy="PACK")
     with pytest.raises(ValueError):
