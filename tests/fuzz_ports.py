@@ -236,7 +236,10 @@ def hit(rng: random.Random, target: Target, ctx: zmq.Context) -> None:
         sock.connect(target.address)
         n = rng.randrange(1, 8)
         for _ in range(n):
-            sock.send(body(rng, target.samples))
+            try:  # without a peer yet (or a refused handshake) a send would block
+                sock.send(body(rng, target.samples), zmq.NOBLOCK)
+            except zmq.Again:
+                time.sleep(0.001)
         sock.poll(5)
         sock.close()
         target.sent += n
@@ -274,7 +277,10 @@ def oversized_zmq(target: Target, ctx: zmq.Context) -> None:
     sock.linger = 0
     security.curve_client(sock)
     sock.connect(target.address)
-    sock.send(b"\x00" * ((64 << 20) + 1))
+    try:
+        sock.send(b"\x00" * ((64 << 20) + 1), zmq.NOBLOCK)
+    except zmq.Again:
+        pass
     sock.poll(500)
     sock.close()
     target.sent += 1

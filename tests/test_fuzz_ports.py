@@ -44,5 +44,6 @@ def test_fuzzing_every_port_leaves_every_daemon_serving(cluster):
 
 
 @pytest.mark.chaos_long
+@pytest.mark.timeout(300)
 def test_fuzzing_every_port_for_a_minute(cluster):
     _check(cluster, 60.0, seed=12)
