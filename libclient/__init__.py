@@ -37,3 +37,8 @@ __all__ = [
     "shutdown", "wait", "ObjectRefGenerator", "timeline",
 ]
 __version__ = "0.1.0"
+
+# Ray's module paths ray.runtime_context and ray.remote_function
+from libclient import remote_function, runtime_context  # noqa: E402
+
+__all__ += ["remote_function", "runtime_context"]
