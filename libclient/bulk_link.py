@@ -181,6 +181,9 @@ class TlsKeyAgreement:
         """Bytes the next TLS record needs in all, given the ``have`` read so far."""
         if len(have) < _TLS_HEAD:
             return _TLS_HEAD
+        if not 20 <= have[0] <= 23 or have[1] != 3:  # content type, major version
+            self.failed = "not a TLS record"
+            return len(have)
         body = int.from_bytes(have[3:5], "big")
         if body > _TLS_MAX_BODY:
             self.failed = f"TLS record of {body} bytes"
@@ -315,7 +318,21 @@ class SealedSocket:
 
     # ------------------------------------------------------------ handshake
     def _progress(self) -> None:
-        """Advance the key agreement as far as the socket allows now."""
+        """Advance the key agreement as far as the socket allows now.
+
+        Raises:
+            BlockingIOError: not done yet.
+            AuthError: it failed (any socket error meanwhile counts as failing).
+        """
+        try:
+            self._agree_now()
+        except (BlockingIOError, InterruptedError, AuthError):
+            raise
+        except OSError as exc:
+            raise AuthError(f"bulk link handshake with {peer_of(self._sock)} failed: "
+                            f"{exc}") from None
+
+    def _agree_now(self) -> None:
         agree = self._agree
         assert agree is not None
         self._flush()

@@ -135,6 +135,10 @@ def _start(name: str, argv: list[str], logdir: str, procs: list,
     env["SHOAL_CONFIG"] = "none"
     if keys_dir:
         env[security.KEYS_ENV] = keys_dir
+        # The one security switch a test or benchmark cluster may turn
+        # (encrypt_bulk = false) travels with the keys.
+        if security.ENCRYPT_BULK_ENV in os.environ:
+            env[security.ENCRYPT_BULK_ENV] = os.environ[security.ENCRYPT_BULK_ENV]
     proc = subprocess.Popen([sys.executable, "-m", f"daemons.{name}", *argv,
                              "--ready-fd", str(ready_w)],
                             pass_fds=(ready_w,), stdin=subprocess.DEVNULL, stderr=log,
