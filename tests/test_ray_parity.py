@@ -348,11 +348,12 @@ def test_as_completed_and_map_unordered(ray):
         time.sleep(x)
         return x
 
-    refs = [nap.remote(d) for d in (0.6, 0.0, 0.3)]
-    assert list(as_completed(refs, chunk_size=3)) == [0.0, 0.3, 0.6]
+    # Gaps of seconds, so a loaded machine's worker start-ups cannot reorder them.
+    refs = [nap.remote(d) for d in (3.0, 0.0, 1.5)]
+    assert list(as_completed(refs, chunk_size=3)) == [0.0, 1.5, 3.0]
     assert set(as_completed(refs, chunk_size=1, yield_obj_refs=True)) == set(refs)
-    out = list(map_unordered(nap, [0.4, 0.0, 0.2, 0.0], backpressure_size=4))
-    assert sorted(out) == [0.0, 0.0, 0.2, 0.4] and out[-1] == 0.4
+    out = list(map_unordered(nap, [2.0, 0.0, 0.1, 0.0], backpressure_size=4))
+    assert sorted(out) == [0.0, 0.0, 0.1, 2.0] and out[-1] == 2.0
     # Backpressure: never more than 2 in flight, so 4 naps of 0.2 s take >= 0.4 s.
     t0 = time.monotonic()
     assert sorted(map_unordered(nap, [0.2] * 4, backpressure_size=2, chunk_size=1)) == [0.2] * 4
