@@ -43,6 +43,10 @@ def _backend(name: str) -> tuple[Any, Any, Any]:
     from libclient.cluster_utils import Cluster
     from libclient.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     # "shoal-insecure": the same cluster without keys (plain TCP, no CURVE).
+    # "shoal-bulk-plain": keys, with [security] encrypt_bulk = false.
+    if name == "shoal-bulk-plain":
+        from libclient import security
+        os.environ[security.ENCRYPT_BULK_ENV] = "0"
     return (ray, functools.partial(Cluster, secure=name != "shoal-insecure"),
             NodeAffinitySchedulingStrategy)
 
@@ -154,8 +158,10 @@ def run_child(backend: str, cases: list[str], duration: float) -> dict[str, floa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=["shoal", "shoal-insecure", "ray", "both", "all"],
-                   default="both", help="all: shoal (keys), shoal-insecure and ray")
+    p.add_argument("--backend", choices=["shoal", "shoal-insecure", "shoal-bulk-plain", "ray",
+                                         "both", "all"],
+                   default="both", help="all: shoal (keys), shoal-insecure and ray; "
+                   "shoal-bulk-plain: keys with encrypt_bulk = false")
     p.add_argument("--cases", help="comma-separated substrings of case names (e.g. 'tiny,sync')")
     p.add_argument("--duration", type=float, default=2.0)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
