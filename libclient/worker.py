@@ -24,6 +24,7 @@ from libclient import api, logs, peer_guard, security, serialization, spin
 from libclient.call_check import malformed_call
 from libclient.core import CoreWorker, error_wire_from
 from libclient.exceptions import (
+    GetTimeoutError,
     ObjectLostError,
     OwnerDiedError,
     RaySystemError,
@@ -35,6 +36,11 @@ from libclient.protocol import FrameDecoder, ProtocolError, pack
 # How much of a holder's unread stream the SIGINT handler looks through for
 # cancel messages (the socket's receive buffer is 4 MiB at most).
 _PEEK_MAX = 8 * 1024 * 1024
+
+
+# How long a worker waits to read an argument that is already on its node
+# (pulled, or placed here by the owner's word) before calling it lost.
+_ARG_READ_S = 10.0
 
 
 class _LostArgument(ObjectLostError):
@@ -418,8 +424,14 @@ class TaskRunner:
                 try:
                     if where:  # arguments arrive on this node before the task runs
                         self.core.fetch_to_node(dep[2], where)
+                    # Once here (pulled, or the owner said it is on this node)
+                    # the read is immediate; a copy that is not here is lost,
+                    # and waiting for it would hang the task (chaos finding).
                     (value,) = self.core.get([ObjectRef(dep[2], dep[3], where, _count=False)],
-                                             None)
+                                             _ARG_READ_S if where else None)
+                except GetTimeoutError as exc:
+                    raise _LostArgument(dep[2], f"argument {dep[2].hex()} is not at {where}: "
+                                                f"{exc}") from exc
                 except ObjectLostError as exc:
                     # The ref above names where a copy was, not its owner, so
                     # an "owner died" verdict about it only means that copy's
