@@ -344,9 +344,12 @@ def private_memory(pid: int) -> int:
 
 
 # --------------------------------------------------------------- the run
-def fuzz(cluster: Any, seconds: float, seed: int, workload: Any) -> Report:
-    """Fuzz every target of ``cluster`` for ``seconds`` while ``workload(stop, report)`` runs."""
+def fuzz(cluster: Any, seconds: float, seed: int, workload: Any,
+         exclude: tuple[str, ...] = ()) -> Report:
+    """Fuzz every target of ``cluster`` for ``seconds`` while ``workload(stop, report)`` runs
+    (leaving out targets whose name contains one of ``exclude``)."""
     targets, pids = discover(cluster)
+    targets = [t for t in targets if not any(x in t.name for x in exclude)]
     report = Report(targets)
     report.rss_before = {name: private_memory(pid) for name, pid in pids.items()}
     stop = threading.Event()
