@@ -136,6 +136,43 @@ def test_tls_sockets_pass_bytes_both_ways_non_blocking(tmp_path):
         s.close()
 
 
+def test_one_tls_recv_returns_every_record_already_here(tmp_path):
+    """Many small frames sent one SSL_write each arrive as many records; one
+    recv must hand over all of them (a plain socket's recv would), on a
+    blocking and a non-blocking socket, and never block for more."""
+    keys = security.load(security.keygen(str(tmp_path / "keys")))
+    listen = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listen.getsockname())
+    raw, _ = listen.accept()
+    import threading
+
+    box = {}
+    t = threading.Thread(target=lambda: box.update(s=security.accept_tls(raw, keys)))
+    t.start()
+    tls = security.client_wrap(client, keys)
+    t.join()
+    server = box["s"]
+    for blocking in (True, False):
+        frames = [b"frame-%03d;" % i for i in range(50)]
+        for f in frames:
+            tls.sendall(f)  # one record each
+        time.sleep(0.2)  # all of them are in the server's socket buffer
+        server.setblocking(blocking)
+        assert server.recv(1 << 16) == b"".join(frames)  # one recv, all 50 records
+        if blocking:
+            server.settimeout(0.2)
+            with pytest.raises(TimeoutError):  # the blocking mode came back intact
+                server.recv(100)
+            server.settimeout(None)
+    # A record cut short is left for the next recv, not waited for.
+    tls.sendall(b"whole")
+    time.sleep(0.1)
+    server.setblocking(True)
+    assert server.recv(100) == b"whole"
+    for s in (tls, server, listen):
+        s.close()
+
+
 def _serve_once(keys: security.ClusterKeys, bulk: bool = False):
     """A listening socket and a thread that accepts one client, echoes one message."""
     import threading

@@ -12,6 +12,10 @@ cancel resends, gcsd batches), all under the core worker's one lock.
 what the socket does not take is buffered on the connection (``out``) and
 the selector watches it for writability until it drains. The wake pipe
 makes the I/O thread notice new write interest, new timers and shutdown.
+Encrypted (TLS) connections with calls already in flight are the
+exception: their writes are buffered and flushed by the I/O thread's next
+turn (or by a ``get`` that claims the socket), so a burst of calls becomes
+one ``SSL_write``, not one TLS record per call.
 
 *Raylets.* Our own raylet is a Unix socket opened at start-up. Other
 nodes' raylets (for spilled leases and actors placed there) are TCP
@@ -169,6 +173,15 @@ class IoLoop:
     def write(self, conn: Conn, data: bytes) -> None:
         """Send now if the socket takes it all, else buffer for the I/O thread."""
         if conn.dead:
+            return
+        if len(conn.inflight) > 1 and isinstance(conn.sock, security.TlsSocket):
+            # Encrypted, and calls already in flight (a burst): leave it to the
+            # I/O thread (or a get that claims the socket), so the calls made
+            # meanwhile go out as one TLS record rather than one SSL_write and
+            # one record each. A lone call (sync) still goes out at once.
+            conn.out += data
+            if conn not in self._write_interest:
+                self._want_write(conn)
             return
         if not conn.out:
             try:
