@@ -149,7 +149,8 @@ def use_keys(sec: Mapping[str, Any], log: Any) -> Any:
 
     try:  # who may use our Unix sockets; workers we start inherit it
         peer_guard.configure(sec.get("allowed_group"))
-        peer_guard.configure_limits(sec.get("max_frame"), sec.get("max_connections"))
+        peer_guard.configure_limits(sec.get("max_frame"), sec.get("max_connections"),
+                                    sec.get("stall_s"), sec.get("stall_bytes"))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     keys_dir, encrypt = sec.get("keys_dir"), bool(sec.get("encrypt_bulk", True))

@@ -283,6 +283,10 @@ class SealedSocket:
         self._hs_buf = b""
         self._out: list[memoryview] = []
         self._out_plain = 0  # plaintext bytes the record in _out stands for
+        # Bytes the kernel took, records in part included: a server tells a
+        # slow reader (this grows) from a stopped one, though send() counts a
+        # 4 MiB record only once all of it has left.
+        self.wire_sent = 0
         hello = agreement.start()
         if hello:
             self._out.append(memoryview(hello))
@@ -380,6 +384,7 @@ class SealedSocket:
         out = self._out
         while out:
             n = self._sock.sendmsg(out)  # BlockingIOError passes up
+            self.wire_sent += n
             while n:
                 if n < len(out[0]):
                     out[0] = out[0][n:]

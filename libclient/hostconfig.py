@@ -40,6 +40,11 @@ NO_FILE = "none"
 # Top-level keys older config files carried; accepted and ignored.
 _LEGACY_TOP_LEVEL = {"session_dir"}
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# [gcsd] max_message: gcsd's own snapshot and chain frames need room (a
+# snapshot message is 2000 records of a few hundred bytes, ~1 MiB); past 4 GiB
+# no length a client library writes could reach it.
+MIN_GCSD_MESSAGE = 4 << 20
+MAX_GCSD_MESSAGE = 1 << 32
 
 
 class ConfigError(Exception):
@@ -124,9 +129,11 @@ def parse_bytes(value: Any) -> int:
     raise ValueError(f"must be a byte count like 1073741824 or '1G', got {value!r}")
 
 
-def _bytes(minimum: int) -> Parser:
+def _bytes(minimum: int, maximum: int | None = None) -> Parser:
     def parse(value: Any, _text: bool) -> int:
         n = parse_bytes(value)
+        if maximum is not None and not minimum <= n <= maximum:
+            raise ValueError(f"must be a byte count {minimum}..{maximum}, got {n}")
         if n < minimum:
             raise ValueError(f"must be > {minimum - 1}, got {n}" if minimum else
                              f"must be >= 0, got {n}")
@@ -239,6 +246,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "role": Key(_string, "member", '"member", or "master" for the chain master'),
         "heartbeat_s": Key(_number(0, True), 0.1, "member -> master heartbeat interval"),
         "dead_s": Key(_number(0, True), 0.6, "master: drop a member silent this long"),
+        "max_message": Key(_bytes(MIN_GCSD_MESSAGE, MAX_GCSD_MESSAGE), None,
+                           "largest ZeroMQ message gcsd reads (ZMQ_MAXMSGSIZE; bytes, '64M'); "
+                           "default 64M"),
     },
     "stored": {
         "socket": Key(_path, None, "default <runtime_dir>/stored.sock"),
@@ -273,9 +283,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                             "Unix sockets besides the daemons' user and root "
                                             "(runtime dir then 0750, sockets 0660)"),
         "max_frame": Key(_bytes(1024), None, "largest message a daemon or worker reads "
-                                             "(default 64M; stored: at most 16M)"),
+                                             "(default 64M; stored: at most 16M; gcsd: "
+                                             "[gcsd] max_message)"),
         "max_connections": Key(_int(1, 1 << 20), None, "connections each listening socket "
                                                        "serves at once (default 4096)"),
+        "stall_s": Key(_number(0, True), None, "cut off a peer that read none of its "
+                                               "unread output (more than stall_bytes) for "
+                                               "this long (default 60; stored's transfer "
+                                               "port: at most --transfer-timeout)"),
+        "stall_bytes": Key(_bytes(0), None, "unread output a peer may leave for any time "
+                                            "(default 4M)"),
     },
 }
 

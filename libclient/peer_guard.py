@@ -31,6 +31,8 @@ __all__ = ["GROUP_ENV", "LocalGate", "configure", "configure_limits", "dir_mode"
 GROUP_ENV = "SHOAL_SECURITY_ALLOWED_GROUP"
 MAX_FRAME_ENV = "SHOAL_SECURITY_MAX_FRAME"
 MAX_CONNECTIONS_ENV = "SHOAL_SECURITY_MAX_CONNECTIONS"
+STALL_S_ENV = "SHOAL_SECURITY_STALL_S"
+STALL_BYTES_ENV = "SHOAL_SECURITY_STALL_BYTES"
 _UCRED = struct.Struct("3i")
 _policy: LocalPeerPolicy | None = None
 TCP_PEER = PeerCred(0, -1, -1)  # what LocalGate.admit says of a TCP peer
@@ -90,11 +92,15 @@ def policy() -> LocalPeerPolicy:
     return _policy
 
 
-def configure_limits(max_frame: int | None, max_connections: int | None) -> InputLimits:
-    """Put ``[security] max_frame`` / ``max_connections`` in force here and in children."""
-    for name, value in ((MAX_FRAME_ENV, max_frame), (MAX_CONNECTIONS_ENV, max_connections)):
-        if value:
-            os.environ[name] = str(int(value))
+def configure_limits(max_frame: int | None, max_connections: int | None,
+                     stall_s: float | None = None, stall_bytes: int | None = None
+                     ) -> InputLimits:
+    """Put ``[security] max_frame`` / ``max_connections`` / ``stall_s`` /
+    ``stall_bytes`` in force here and in children (None: the default)."""
+    for name, value in ((MAX_FRAME_ENV, max_frame), (MAX_CONNECTIONS_ENV, max_connections),
+                        (STALL_S_ENV, stall_s), (STALL_BYTES_ENV, stall_bytes)):
+        if value is not None and (value or name == STALL_BYTES_ENV):
+            os.environ[name] = repr(float(value)) if name == STALL_S_ENV else str(int(value))
         else:
             os.environ.pop(name, None)
     return limits()
@@ -105,12 +111,23 @@ def limits() -> InputLimits:
     default = InputLimits()
     frame = _env_int(MAX_FRAME_ENV) or default.max_frame
     conns = _env_int(MAX_CONNECTIONS_ENV) or default.max_connections
-    return InputLimits(max_frame=frame, max_connections=conns)
+    stall_s = _env_float(STALL_S_ENV) or default.stall_s
+    stall_bytes = _env_int(STALL_BYTES_ENV, allow_zero=True)
+    return InputLimits(max_frame=frame, max_connections=conns, stall_s=stall_s,
+                       stall_bytes=default.stall_bytes if stall_bytes is None else stall_bytes)
 
 
-def _env_int(name: str) -> int | None:
+def _env_int(name: str, allow_zero: bool = False) -> int | None:
     try:
         value = int(os.environ.get(name, ""))
+    except ValueError:
+        return None
+    return value if value > 0 or (allow_zero and value == 0) else None
+
+
+def _env_float(name: str) -> float | None:
+    try:
+        value = float(os.environ.get(name, ""))
     except ValueError:
         return None
     return value if value > 0 else None

@@ -37,6 +37,7 @@ from daemons.gcsd.server import Deployment, GcsServer, bind_sockets
 from daemons.gcsd.shardstore import ShardStore
 from daemons.gcsd.tables import StorageError
 from libclient import __version__, hostconfig, logs, security
+from libclient.protocol import MAX_FRAME
 
 DEFAULT_PORT = 6379  # Ray's default GCS port, so existing firewall rules carry over
 DEFAULT_NODE_TIMEOUT_S = 10.0
@@ -48,7 +49,7 @@ BOOTSTRAP_S = 10.0
 # member that heads too many shards (ChainMaster rule 6).
 REBALANCE_S = 5.0
 _KNOWN = {"host", "port", "data_dir", "node_timeout_s", "sync", "shards", "chain_length",
-          "members", "member_id", "master", "role", "heartbeat_s", "dead_s"}
+          "members", "member_id", "master", "role", "heartbeat_s", "dead_s", "max_message"}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -211,7 +212,7 @@ def _run_master(conf: dict[str, Any], ns: argparse.Namespace, log: Any) -> None:
     ctx = zmq.Context()
     zap = security.start_zap(ctx, log)  # before any bind: CURVE clients are checked by it
     try:
-        router, address = bind_master(ctx, conf["host"], conf["port"])
+        router, address = bind_master(ctx, conf["host"], conf["port"], conf["max_message"])
     except zmq.ZMQError as exc:
         _term(ctx, zap)
         shell.fail(log, f"cannot bind {conf['host']}:{conf['port']}: {exc}")
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         conf = _settings(ns)
         shell.use_keys(_security(ns), log)
+        conf.setdefault("max_message", MAX_FRAME)  # [gcsd] max_message, checked by hostconfig
         lock = _lock_data_dir(conf["data_dir"])
     except shell.ConfigError as exc:
         shell.fail(log, str(exc))
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     ctx = zmq.Context()
     zap = security.start_zap(ctx, log)  # before any bind: CURVE clients are checked by it
     try:
-        router, pub, address, pubsub = bind_sockets(ctx, conf["host"], conf["port"])
+        router, pub, address, pubsub = bind_sockets(ctx, conf["host"], conf["port"],
+                                                    conf["max_message"])
     except shell.ConfigError as exc:
         _term(ctx, zap)
         shell.fail(log, str(exc))
@@ -283,8 +286,10 @@ def main(argv: list[str] | None = None) -> None:
                             conf.get("master") if conf["members"] else None,
                             heartbeat_s=conf["heartbeat_s"], chain_length=conf["chain_length"])
     tick_s = min(1.0, max(0.05, conf["node_timeout_s"] / 4))
-    server = GcsServer(router, pub, replicas, deployment, log, tick_s, ctx, pubsub)
+    server = GcsServer(router, pub, replicas, deployment, log, tick_s, ctx, pubsub,
+                       max_message=conf["max_message"])
     log.info("gcsd_started", address=address, pubsub=pubsub, security=shell.security_summary(), data_dir=conf["data_dir"],
+             max_message=conf["max_message"],
              node_timeout_s=conf["node_timeout_s"], member=member, members=members,
              shards=conf["shards"], chain_length=conf["chain_length"],
              master=deployment.master, seq=sum(s.applied for s, _c in replicas.values()),

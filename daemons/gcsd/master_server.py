@@ -175,10 +175,11 @@ class MasterServer:
         self.router.close(linger=0)
 
 
-def bind_master(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, str]:
+def bind_master(ctx: zmq.Context, host: str, port: int, max_message: int = MAX_FRAME
+                ) -> tuple[zmq.Socket, str]:
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+    router.setsockopt(zmq.MAXMSGSIZE, max_message)
     security.curve_server(router)
     if port == 0:
         port = router.bind_to_random_port(f"tcp://{host}")

@@ -109,9 +109,12 @@ CHAIN_TICK_S = 0.01
 BUNDLE_BYTES = 1 << 20
 
 
-def bind_sockets(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, zmq.Socket,
-                                                                   str, str]:
+def bind_sockets(ctx: zmq.Context, host: str, port: int, max_message: int = MAX_FRAME
+                 ) -> tuple[zmq.Socket, zmq.Socket, str, str]:
     """Bind the ROUTER on ``host:port`` and the XPUB on ``port+1`` (or random ports for 0).
+
+    ``max_message`` (``[gcsd] max_message``): a longer message drops the
+    sender's connection inside libzmq before it is buffered.
 
     An XPUB rather than a PUB: it tells us which tables anyone subscribes
     to, so changes nobody listens for (most task events) are never encoded.
@@ -127,7 +130,7 @@ def bind_sockets(ctx: zmq.Context, host: str, port: int) -> tuple[zmq.Socket, zm
     for sock in (router, pub):
         sock.setsockopt(zmq.LINGER, 0)
         security.curve_server(sock)  # cluster keys in force: CURVE, clients checked by ZAP
-    router.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)  # a hostile size never gets buffered
+    router.setsockopt(zmq.MAXMSGSIZE, max_message)  # a hostile size never gets buffered
     router.setsockopt(zmq.RCVHWM, RCV_HWM)
     # Clients name their sockets (so a tail can answer them); a client that
     # reconnects under its name takes the old connection's place.
@@ -201,6 +204,7 @@ class GcsServer:
         log: a structlog logger.
         tick_s: how often to call the cores' liveness ticks.
         ctx: the ZeroMQ context for peer and master links.
+        max_message: the largest message read from a chain peer (as the router's).
         clock, wall: monotonic and Unix time sources, injectable for tests.
     """
 
@@ -208,8 +212,9 @@ class GcsServer:
                  replicas: dict[int, tuple[ShardStore, ControlStore]],
                  deployment: Deployment, log: Any, tick_s: float, ctx: zmq.Context,
                  pubsub_address: str, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time, max_message: int = MAX_FRAME) -> None:
         self.router = router
+        self.max_message = max_message
         self.pub = pub
         self.dep = deployment
         self.log = log
@@ -839,7 +844,7 @@ class GcsServer:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not there
         sock.setsockopt(zmq.SNDHWM, PEER_HWM)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         security.curve_client(sock)
         sock.connect(address)
         return sock

@@ -23,14 +23,20 @@ the edge, with one log line each: a request that is framed but wrong gets an
 ``error`` reply and the connection stays; bytes that cannot be framed, a
 silent stranger, or a reader that stops reading lose the connection, and a
 source that misbehaves loses its link, so its pulls move to the next source.
-Buffers are bounded per connection: reading pauses while a served
-connection has ``MAX_QUEUED`` replies or ``PAUSE_OUT_BYTES`` unsent, and the
-decoders never hold more than one receive plus one frame.
+Buffers are bounded per connection: serving (and reading) pauses while a
+served connection has ``MAX_QUEUED`` replies or ``PAUSE_OUT_BYTES`` unsent --
+requests already received wait in the decoder, so one receive full of reads
+of spilled objects cannot fill the heap -- and the decoders never hold more
+than one receive plus one frame. A puller that reads none of its queued
+replies for the transfer timeout (at most ``[security] stall_s``) is cut off
+by the same rule as the raylet's and the Unix side's
+(:func:`libclient.peer_policy.overdue`); one that reads, however slowly, is not.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import errno
 import itertools
 import mmap
@@ -62,7 +68,7 @@ from daemons.stored.pull import (
     WatchLocal,
 )
 from daemons.stored.store import SEALED, ObjectTable, Reply
-from libclient import peer_policy, security
+from libclient import peer_guard, peer_policy, security
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 LISTEN_KEY = "transfer_listen"
@@ -111,7 +117,7 @@ class _Served:
     """A puller's connection to us: its decoder, its queued replies, its table client."""
 
     __slots__ = ("sock", "cid", "peer", "decoder", "out", "out_bytes", "mask", "spoke",
-                 "since", "progress_at")
+                 "born", "since", "progress_at", "wire_seen")
 
     def __init__(self, sock: socket.socket, cid: int, peer: str, now: float) -> None:
         self.sock = sock
@@ -123,8 +129,10 @@ class _Served:
         self.out_bytes = 0
         self.mask = selectors.EVENT_READ
         self.spoke = False  # sent at least one well-formed request
+        self.born = now  # accepted
         self.since = now  # last request received
-        self.progress_at = now  # last byte sent
+        self.progress_at = now  # last byte sent, or output queued to none
+        self.wire_seen = 0  # the bulk link's wire_sent when progress_at was last moved
 
 
 class _Req:
@@ -195,6 +203,14 @@ class TransferShell:
         self.deliver = deliver
         self.pulls = pulls
         self.timeout = timeout
+        # The shared rule (peer_policy.overdue) with the transfer port's numbers:
+        # a stranger must speak, and a puller read any queued reply, within the
+        # timeout (pullers fail over after the same time, so no legitimate
+        # reader waits longer).
+        base = peer_guard.limits()
+        self.limits = dataclasses.replace(base, first_message_s=timeout,
+                                          stall_s=min(timeout, base.stall_s), stall_bytes=0)
+        self.max_served = min(MAX_SERVED, base.max_connections)
         self._served: dict[int, _Served] = {}
         self._links: dict[str, _Link] = {}
         self._dirty: set[_Link] = set()
@@ -567,7 +583,7 @@ class TransferShell:
                 self.log.warning("transfer_accept_failed", error=str(exc))
                 return
             peer = _peer_name(addr)
-            if len(self._served) >= MAX_SERVED:
+            if len(self._served) >= self.max_served:
                 self.counters["refused"] += 1
                 if self._limit_log.should_log(_host(peer), "refused"):
                     self.log.warning("transfer_peer_refused", peer=peer, served=len(self._served),
@@ -584,37 +600,52 @@ class TransferShell:
             self.log.debug("transfer_peer_connected", peer=peer)
 
     def _served_readable(self, s: _Served, now: float) -> None:
-        self._served_read_once(s, now)
-        # The rest of a request record we opened is invisible to the selector.
-        while s.cid in self._served and _pending(s.sock):
-            self._served_read_once(s, now)
+        if self._served_recv(s):
+            self._served_flush(s, now)
 
-    def _served_read_once(self, s: _Served, now: float) -> None:
+    def _served_recv(self, s: _Served) -> bool:
+        """One receive into the decoder; False if there was nothing (or it closed)."""
         try:
             data = s.sock.recv(RECV_BYTES)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self._close_served(s, f"recv failed: {exc}")
-            return
+            return False
         if not data:
             # A puller that vanishes mid-transfer leaves replies unsent; its
             # pins go with its table client.
             self._close_served(s, "eof", quiet=not s.out and s.decoder.buffered == 0)
-            return
+            return False
         s.decoder.feed(data)
-        while True:
+        return True
+
+    @staticmethod
+    def _served_paused(s: _Served) -> bool:
+        return len(s.out) >= MAX_QUEUED or s.out_bytes >= PAUSE_OUT_BYTES
+
+    def _served_take(self, s: _Served, now: float) -> bool:
+        """Serve the requests received so far until the connection's output is
+        full; if none is whole, open the next request record TLS already holds
+        (invisible to the selector). False when there was nothing to do."""
+        served = False
+        while not self._served_paused(s):
             try:
                 msg = s.decoder.next()
             except ProtocolError as exc:
                 self._served_protocol_error(s, str(exc))
-                return
+                return False
             if msg is None:
                 break
             self._serve(s, msg, now)
-        self._served_flush(s, now)
+            served = True
+        if served or self._served_paused(s) or not _pending(s.sock):
+            return served
+        return self._served_recv(s)
 
     def _serve(self, s: _Served, msg: dict[str, Any], now: float) -> None:
+        if not s.out:
+            s.progress_at = now  # every reply is queued here: the stall clock starts
         try:
             req = transfer.parse_request(msg)
         except ProtocolError as exc:
@@ -705,12 +736,28 @@ class TransferShell:
         s.out_bytes += len(data)
 
     def _served_flush(self, s: _Served, now: float) -> None:
+        """Send what is queued; while there is room, serve the requests that wait."""
+        self._served_send(s, now)
+        while s.cid in self._served and not self._served_paused(s) and self._served_take(s, now):
+            self._served_send(s, now)
+        if s.cid not in self._served:
+            return
+        mask = ((0 if self._served_paused(s) else selectors.EVENT_READ)
+                | (selectors.EVENT_WRITE if s.out else 0))
+        if mask != s.mask:
+            s.mask = mask
+            self.sel.modify(s.sock, mask, s)
+
+    def _served_send(self, s: _Served, now: float) -> None:
         out = s.out
         while out:
             bufs = [item[0] for item in itertools.islice(out, _IOV)]
             try:
                 n = s.sock.sendmsg(bufs)
             except (BlockingIOError, InterruptedError):
+                wire = getattr(s.sock, "wire_sent", None)  # bulk link: part of a record
+                if wire is not None and wire != s.wire_seen:
+                    s.wire_seen, s.progress_at = wire, now
                 break
             except OSError as exc:
                 self._close_served(s, f"send failed: {exc}")
@@ -732,11 +779,6 @@ class TransferShell:
                 out.popleft()
             if not full:
                 break
-        paused = len(out) >= MAX_QUEUED or s.out_bytes >= PAUSE_OUT_BYTES
-        mask = (0 if paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if out else 0)
-        if mask != s.mask:
-            s.mask = mask
-            self.sel.modify(s.sock, mask, s)
 
     def _served_protocol_error(self, s: _Served, error: str) -> None:
         """The stream lost its framing: say why (best effort) and close it."""
@@ -769,12 +811,13 @@ class TransferShell:
     # ------------------------------------------------------------ housekeeping
     def _housekeeping(self, now: float) -> None:
         """Close silent strangers, stuck readers and idle links (shell-side polling)."""
+        states = [peer_policy.ConnState(s.cid, now - s.born, s.spoke, s.out_bytes,
+                                        now - s.progress_at, True)
+                  for s in self._served.values()]
+        for cid, why in peer_policy.overdue(self.limits, states):
+            self._close_served(self._served[cid], f"cut off: {why}")
         for s in list(self._served.values()):
-            if s.out and now - s.progress_at > self.timeout:
-                self._close_served(s, f"did not read for {self.timeout:g} s")
-            elif not s.spoke and now - s.since > self.timeout:
-                self._close_served(s, f"sent no request in {self.timeout:g} s")
-            elif not s.out and now - s.since > 6 * self.timeout:
+            if not s.out and now - s.since > 6 * self.timeout:
                 self._close_served(s, "idle", quiet=True)
         for link in list(self._links.values()):
             # Close idle links well before the source would (6 x timeout), so a

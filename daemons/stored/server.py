@@ -6,7 +6,10 @@ by :class:`daemons.stored.store.ObjectTable`. Per connection it keeps a
 so a slow or stuck client only ever fills its own buffer: sockets are
 non-blocking and a client whose unread replies pass ``PAUSE_OUT_BYTES`` is
 not read from until it catches up (back-pressure instead of unbounded
-memory).
+memory). A client that leaves more than ``[security] stall_bytes`` unread and
+reads none of it for ``stall_s`` is cut off, as the raylet does
+(:func:`libclient.peer_policy.overdue`, checked once a second), so a stuck
+reader cannot hold its pins and buffer for ever.
 
 Errors are translated at the edge: a frame that cannot be decoded closes
 that connection (its framing is lost), a well-framed request with a bad
@@ -58,13 +61,17 @@ _DISK_CHECK_S = 1.0
 class _Conn:
     """One client connection: its decoder and its unsent output."""
 
-    __slots__ = ("sock", "cid", "decoder", "out", "out_bytes", "mask", "pid", "name", "peer_pid")
+    __slots__ = ("sock", "cid", "decoder", "out", "out_bytes", "mask", "pid", "name", "peer_pid",
+                 "peer_uid", "born", "progress_at")
 
     def __init__(self, sock: socket.socket, cid: int, max_frame: int = MAX_FRAME) -> None:
         self.sock = sock
         self.cid = cid
         self.decoder = FrameDecoder(max_frame)
         self.peer_pid = 0  # SO_PEERCRED's pid (hello's pid may say anything)
+        self.peer_uid = -1  # SO_PEERCRED's uid: cut-offs are logged once per uid
+        self.born = 0.0  # accepted at (loop time)
+        self.progress_at = 0.0  # the client last took output, or output was queued to none
         # Chunks of [bytearray, fds]; fds ride on the first byte of their chunk.
         self.out: collections.deque[list[Any]] = collections.deque()
         self.out_bytes = 0
@@ -109,6 +116,8 @@ class StoreServer:
         self.limits = peer_guard.limits()
         self.max_frame = min(MAX_FRAME, self.limits.max_frame)
         self._limit_log = peer_policy.LogOncePerPeer()
+        self._swept = 0.0
+        self._cut: dict[int, str] = {}  # over max_out_bytes: closed at this turn's sweep
         self._dirty: set[_Conn] = set()
         self.sel.register(listen, selectors.EVENT_READ, _LISTEN)
         self.node_id = node_id
@@ -169,6 +178,7 @@ class StoreServer:
                 if io:
                     self.spill.submit(io)
             self._flush_dirty()
+            self._sweep_limits(now)
             self._log_events()
 
     def _on_spill_done(self) -> None:
@@ -225,7 +235,8 @@ class StoreServer:
             sock.setblocking(False)
             self._next_cid += 1
             conn = _Conn(sock, self._next_cid, self.max_frame)
-            conn.peer_pid = cred.pid
+            conn.peer_pid, conn.peer_uid = cred.pid, cred.uid
+            conn.born = conn.progress_at = self.last_loop
             self.conns[conn.cid] = conn
             self.table.connect(conn.cid)
             conn.mask = selectors.EVENT_READ
@@ -337,11 +348,19 @@ class StoreServer:
     def _queue(self, conn: _Conn, msg: dict[str, Any], fds: list[int] | None = None) -> None:
         # protocol.decode_body insists on a string "t" in every message, replies too.
         data = pack({"t": "reply", **msg})
+        if not conn.out:
+            conn.progress_at = self.last_loop  # the stall clock starts with the backlog
         if fds is None and conn.out and conn.out[-1][1] is None:
             conn.out[-1][0] += data  # coalesce small replies into one send
         else:
             conn.out.append([bytearray(data), fds])
         conn.out_bytes += len(data)
+        if conn.out_bytes > self.limits.max_out_bytes:  # cut off at this turn's sweep
+            self._cut.setdefault(conn.cid, f"{conn.out_bytes} bytes unread "
+                                           f"(limit {self.limits.max_out_bytes})")
+            conn.out.clear()
+            conn.out_bytes = 0
+            return
         self._dirty.add(conn)
 
     def _flush_dirty(self) -> None:
@@ -366,6 +385,8 @@ class StoreServer:
                 self._drop(conn, f"send failed: {exc}")
                 return
             conn.out_bytes -= n
+            if n:
+                conn.progress_at = self.last_loop
             chunk[1] = None  # the kernel took the fds with the first byte
             if n < len(data):
                 del data[:n]
@@ -381,6 +402,33 @@ class StoreServer:
         if mask != conn.mask:
             conn.mask = mask
             self.sel.modify(conn.sock, mask, conn)
+
+    def _sweep_limits(self, now: float) -> None:
+        """Once a second: cut off clients that stopped reading a sizeable backlog.
+
+        Local clients may stay silent for ever (a driver that only waits), so
+        only unread output counts; the rule is the raylet's
+        (:func:`peer_policy.overdue`). Logged once per uid, then at the
+        10th, 100th... cut-off.
+        """
+        if now - self._swept < 1.0 and not self._cut:
+            return
+        self._swept = now
+        states = [peer_policy.ConnState(c.cid, now - c.born, True, c.out_bytes,
+                                        now - c.progress_at, False)
+                  for c in self.conns.values() if c.out_bytes]
+        cut = dict(peer_policy.overdue(self.limits, states))
+        cut.update(self._cut)
+        self._cut = {}
+        for cid, why in cut.items():
+            conn = self.conns.get(cid)
+            if conn is None:
+                continue
+            if self._limit_log.should_log(conn.peer_uid, "cut"):
+                self.log.warning("peer_cut_off", client=cid, peer_pid=conn.peer_pid,
+                                 peer_uid=conn.peer_uid, name=conn.name, reason=why,
+                                 times=self._limit_log.count(conn.peer_uid, "cut"))
+            self._drop(conn, f"cut off: {why}")
 
     def _log_events(self) -> None:
         for event, fields in self.table.take_events():
