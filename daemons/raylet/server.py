@@ -1142,6 +1142,7 @@ class Raylet:
 
     def _housekeeping(self) -> None:
         self._sweep_limits(self.last_loop)
+        self._expire_spill_guesses(self.last_loop)
         for worker in self.pool.reap():
             self._worker_gone(worker)
         self._refill()
@@ -1154,6 +1155,18 @@ class Raylet:
                 self._run_due_sweeps(now)
         if self._renv_workers:
             self._reap_idle_renv_workers()
+
+    def _expire_spill_guesses(self, now: float) -> None:
+        """A spill's optimistic guess that outlived its timeout is a view change.
+
+        A node whose free resources stay the same sends no new snapshot, so
+        only this expiry shows it free again; ``decide`` applies it, but
+        nothing else may call ``decide`` (a client that never followed its
+        spill, then a quiet node): queued leases would wait forever
+        (found by tests/fuzz_ports.py).
+        """
+        if self.view.expire_optimism(now) and self.scheduler.queued:
+            self._schedule()
 
     def _report(self, now: float) -> None:
         """Tell gcsd we live, and what is free when that changed.
