@@ -173,6 +173,37 @@ def test_one_tls_recv_returns_every_record_already_here(tmp_path):
         s.close()
 
 
+def test_a_second_connection_to_the_same_peer_resumes_its_tls_session(tmp_path):
+    """A new lease on a worker we had before skips the certificate handshake;
+    a ticket from other key material (another context) is never offered."""
+    directory = security.keygen(str(tmp_path / "keys"))
+    keys = security.load(directory)
+    listen = socket.create_server(("127.0.0.1", 0))
+    import threading
+
+    def serve(n):
+        for _ in range(n):
+            raw, _ = listen.accept()
+            tls = security.accept_tls(raw, keys)
+            tls.sendall(b"x")
+            tls.recv(1)
+            tls.close()
+
+    t = threading.Thread(target=serve, args=(3,), daemon=True)
+    t.start()
+    reused = []
+    for k in (keys, keys, security.load(directory)):
+        tls = security.client_wrap(socket.create_connection(listen.getsockname()), k)
+        assert tls.recv(1) == b"x"  # the server's tickets come with its data
+        reused.append(tls.session_reused)
+        tls.sendall(b"y")
+        security.remember_session(tls)
+        tls.close()
+    t.join(10)
+    assert reused == [False, True, False]
+    listen.close()
+
+
 def _serve_once(keys: security.ClusterKeys, bulk: bool = False):
     """A listening socket and a thread that accepts one client, echoes one message."""
     import threading

@@ -167,6 +167,8 @@ class IoLoop:
     def close_conn(self, conn: Conn) -> None:
         """Stop watching ``conn`` and close its socket (lock held)."""
         self.unregister(conn.sock)
+        if isinstance(conn.sock, security.TlsSocket):
+            security.remember_session(conn.sock)  # the next lease there resumes it
         conn.sock.close()
 
     # ----------------------------------------------------------------- writes
