@@ -1,16 +1,21 @@
 """The black-box port fuzzer (tests/fuzz_ports.py) against a real 2-node cluster.
 
-A few seconds (seeded) and a minute, both ``-m chaos_long``, and
-``python tests/fuzz_ports.py --seconds N`` for as long as one likes.
+A few seconds (seeded) in the suite, every daemon's and worker's port; a
+minute with ``-m chaos_long``; ``python tests/fuzz_ports.py --seconds N``
+for as long as one likes.
 
-Open finding (2026-12-02): while the fuzzer runs, one of the workload's
-gets sometimes times out (a fresh-clone CI run in 3 of ~5, with and
-without workers' own sockets among the targets; never a wrong value and
-every daemon still serving). Until that is found, both runs are
-``chaos_long`` (out of the suite); the decoders' fuzzing
-(tests/test_fuzz_decoders.py) stays in it. One suspect: a worker serves one
-connection at a time and trusts any admitted local peer, so a fuzzer's
-connection can stall the task its lease holder sent.
+Finding (2026-12-02, fixed): while the fuzzer ran, one of the workload's
+gets sometimes timed out (3 of ~5 fresh-clone CI runs, never a wrong value,
+every daemon still serving). The driver's lease request sat in the head
+raylet's queue: the fuzzer's own lease requests to the head (its one CPU
+busy, in the run looked at with the workload's actor) were spilled to the
+other node and never followed, so the head's view showed that node full
+(the spill's optimistic guess); the node's free resources did not change,
+so no snapshot replaced the guess, and its 3 s expiry was only applied by
+a scheduling pass, which nothing ran once the fuzzer had stopped. The
+raylet now runs a pass when a guess expires with leases queued
+(tests/test_spill_optimism.py). After it, 11 suite runs in a row with
+workers' sockets among the targets passed, and the minute-long run.
 """
 
 import os
@@ -49,11 +54,9 @@ def _check(cluster, seconds, seed, exclude=()):
     return report
 
 
-@pytest.mark.chaos_long
 @pytest.mark.timeout(300)
 def test_fuzzing_every_daemon_port_leaves_every_daemon_serving(cluster):
-    _check(cluster, float(os.environ.get("SHOAL_FUZZ_SECONDS", "6")), seed=11,
-           exclude=("worker",))
+    _check(cluster, float(os.environ.get("SHOAL_FUZZ_SECONDS", "6")), seed=11)
 
 
 @pytest.mark.chaos_long
