@@ -60,6 +60,11 @@ _REPORT_S = 0.1  # at most ten resource reports a second per node
 _MAX_START_FAILURES = 5
 _ACTORS = -1  # client id of lease requests the raylet makes for its actors
 _START_BACKOFF_S = 5.0
+# Worker processes starting at once (interpreter start to registration):
+# a hundred actors created together would otherwise start a hundred Python
+# interpreters on a 2-core host, and their first gcsd requests time out
+# (Ray caps this the same way, at the node's CPU count).
+_MAX_STARTING = max(2, os.cpu_count() or 1)
 # After a node dies, nodes that could host its actors claim them at once;
 # the others park the rest (RESTARTING on no node) only after this delay.
 _PARK_DELAY_S = 1.0
@@ -611,7 +616,7 @@ class Raylet:
                 starting = self.pool.count("STARTING")
                 pooled = sum(1 for w in self.pool.workers.values() if w.actor_id is None)
                 actors_waiting = sum(1 for a in self.awaiting if a[1] is None)
-                if (starting < len(self.awaiting) and self._can_start()
+                if (starting < min(len(self.awaiting), _MAX_STARTING) and self._can_start()
                         and (pooled < self.max_workers or actors_waiting > starting)):
                     self.pool.start()
                 return
@@ -659,7 +664,8 @@ class Raylet:
         for key, (waiting, wire, actors_waiting) in short.items():
             starting = sum(1 for w in self.pool.workers.values()
                            if w.state == STARTING and w.env_key == key)
-            if starting >= waiting or not self._can_start():
+            if (starting >= waiting or not self._can_start()
+                    or self.pool.count(STARTING) >= _MAX_STARTING):
                 continue
             pooled = sum(1 for w in self.pool.workers.values() if w.actor_id is None)
             if pooled >= self.max_workers and actors_waiting <= starting:
