@@ -4,6 +4,8 @@ Started by the raylet as ``python -m libclient.worker --raylet SOCK
 --worker-id HEX --socket PATH``. It listens on its own socket, registers with
 the raylet, then serves one lease holder connection at a time: read task
 messages, run them in order, write each result back as soon as it exists.
+Only a connection that opens with the current lease's token is served
+(lease_gate.py); the raylet tells us each lease's token.
 """
 
 from __future__ import annotations
@@ -13,14 +15,13 @@ import asyncio
 import collections
 import inspect
 import os
-import selectors
 import signal
 import socket
 import sys
 import time
 from typing import Any
 
-from libclient import api, logs, peer_guard, security, serialization, spin
+from libclient import api, lease_gate, logs, peer_guard, serialization, spin
 from libclient.call_check import malformed_call
 from libclient.core import CoreWorker, error_wire_from
 from libclient.exceptions import (
@@ -144,12 +145,15 @@ class TaskRunner:
             else:
                 self.backlog.append(msg)
 
-    def serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket, decoder: FrameDecoder | None = None) -> None:
+        """Run the holder's tasks until it closes; ``decoder`` holds what it
+        sent behind its hello (lease_gate)."""
         self.conn = conn
-        self.decoder = FrameDecoder(peer_guard.limits().max_frame)
+        self.decoder = decoder or FrameDecoder(peer_guard.limits().max_frame)
         self.backlog.clear()
         self.cancelled.clear()
         try:
+            self._take_messages()  # tasks that came with the hello
             while True:
                 if not self.backlog:
                     data = spin.recv(conn, 1 << 20)
@@ -532,6 +536,8 @@ def main(argv: list[str] | None = None) -> None:
         logs.configure("worker").error("worker_start_failed", error=str(exc),
                                        exc_info=True)
         sys.exit(1)
+    token = lease_gate.LeaseToken()
+    core.watch_lease_token(token.set)  # the raylet's word, on the I/O thread
     api._attach_worker(core)
     from libclient.worker_output import OutputCapture
 
@@ -543,15 +549,14 @@ def main(argv: list[str] | None = None) -> None:
     # Holders on this node connect to the Unix socket; holders and callers on
     # other nodes to the TCP port the raylet opened for us.
     tcp = [socket.socket(fileno=ns.tcp_fd)] if ns.tcp_fd is not None else []
-    gate = peer_guard.LocalGate(runner.log, "worker")  # SO_PEERCRED on local holders
+    # Only the current lease's holder (its token, from the raylet) is served;
+    # SO_PEERCRED on local peers and TLS on remote ones still come first.
+    gate = lease_gate.HolderGate(token, runner.log)
     try:
         while runner.actor is None or runner.actor.instance is None:
-            try:
-                conn = _accept_one([listen, *tcp], gate)
-            except security.AuthError as exc:
-                runner.log.warning("auth_failed", error=str(exc))
-                continue
-            runner.serve(conn)
+            conn, decoder = gate.next_holder([listen, *tcp])
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+            runner.serve(conn, decoder)
         runner.actor.serve(listen, *tcp)
     except KeyboardInterrupt:
         pass
@@ -562,27 +567,6 @@ def main(argv: list[str] | None = None) -> None:
             os.unlink(ns.socket)
         except FileNotFoundError:
             pass
-
-
-def _accept_one(listeners: list[socket.socket], gate: peer_guard.LocalGate) -> socket.socket:
-    """The next holder connection on any of our listening sockets (local
-    ones from a refused uid are closed and skipped)."""
-    while True:
-        if len(listeners) == 1:
-            conn, _ = listeners[0].accept()
-        else:
-            with selectors.DefaultSelector() as sel:
-                for lsock in listeners:
-                    sel.register(lsock, selectors.EVENT_READ)
-                key, _ = sel.select()[0]
-                conn, _ = key.fileobj.accept()  # type: ignore[union-attr]
-        if gate.admit(conn) is not None:
-            break
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
-    if conn.family != socket.AF_UNIX:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = security.accept_tls(conn)  # AuthError: the caller logs it and accepts again
-    return conn
 
 
 if __name__ == "__main__":

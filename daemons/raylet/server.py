@@ -50,6 +50,7 @@ from daemons.raylet.scheduler import (
 )
 from daemons.raylet.worker_pool import IDLE, LEASED, STARTING, Worker, WorkerPool
 from libclient import peer_guard, peer_policy, security
+from libclient.lease_gate import new_token
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 from libclient.protocol import field as mfield
 from libclient.runtime_env import spec as renv_spec
@@ -102,6 +103,7 @@ class _Lease:
     demand: ResourceSet
     gpus: list[int]
     blocked: bool = False
+    token: bytes = b""  # the holder opens its connection to the worker with it (lease_gate)
 
 
 class Raylet:
@@ -627,10 +629,13 @@ class Raylet:
                       worker: Worker) -> None:
         """Pair a granted request with an idle worker: an actor's, or a client's lease."""
         self._next_lease += 1
-        lease = _Lease(self._next_lease, conn, worker, req.demand, gpus)
+        lease = _Lease(self._next_lease, conn, worker, req.demand, gpus, token=new_token())
         self.leases[lease.lease_id] = lease
         worker.state = LEASED
         worker.lease_id = lease.lease_id
+        # The worker serves only a connection that opens with this lease's
+        # token (security issue 11); it hears the token first, on its own link.
+        self._tell_token(worker, lease.token)
         if conn is None:
             self._start_actor(req, worker, gpus)
             return
@@ -638,7 +643,12 @@ class Raylet:
         self._send(conn, {"r": req.request_id, "ok": True, "lease_id": lease.lease_id,
                           "worker_id": worker.worker_id, "socket": worker.socket_path,
                           "address": worker.address, "node_id": self.node_id,
-                          "pid": worker.pid, "gpus": gpus})
+                          "pid": worker.pid, "gpus": gpus, "tok": lease.token})
+
+    def _tell_token(self, worker: Worker, token: bytes | None) -> None:
+        """A worker's current lease token (None: no lease; nobody is served)."""
+        if worker.conn is not None:
+            self._send(worker.conn, {"t": "lease_token", "tok": token})
 
     # ---- runtime envs (renv): workers of one env never serve another ------
     def _assign_renv_workers(self) -> None:
@@ -753,6 +763,7 @@ class Raylet:
             self.pool.kill(worker)
         else:
             worker.state = IDLE
+            self._tell_token(worker, None)  # the old holder may not come back
 
     def _worker_gone(self, worker: Worker) -> None:
         """A worker's process exited or its connection closed: account and replace it."""
@@ -878,6 +889,8 @@ class Raylet:
         self._nconn[socket.AF_UNIX] += 1  # peer_limits: _close counts every conn down
         self.conns[conn.cid] = conn
         self.sel.register(sock, selectors.EVENT_READ, conn)
+        lease = self.leases.get(worker.lease_id)  # type: ignore[arg-type]
+        self._send(conn, {"t": "hi", "tok": lease.token if lease is not None else b""})
         self._send(conn, {"t": "actor_init", "actor_id": record.actor_id, "spec": record.spec,
                           "gpus": gpus})
         self._refill()

@@ -62,7 +62,7 @@ from libclient.exceptions import (
     TaskCancelledError,
 )
 from libclient.object_ref import ObjectRef
-from libclient.protocol import Connection
+from libclient.protocol import Connection, ProtocolError
 
 EVENT_FLUSH_S = 0.2
 _TASK_TYPES = {"task": 0, "actor": 1, "create": 2}  # task_events.TYPES
@@ -93,6 +93,10 @@ class CoreWorker(GeneratorsAndWaits):
         # Set by the task runner: tells whoever leased us that our task waits,
         # so it stops queueing more tasks behind it (they might be what it waits for).
         self.tell_submitter: Any = None
+        # A worker's lease tokens from the raylet (lease_gate.py): the last
+        # one, and who wants each (the worker's gate).
+        self._lease_token: Any = None
+        self._on_lease_token: Any = None
         self._last_flush = time.monotonic()
 
         conn = Connection.connect_unix(raylet_socket)
@@ -811,18 +815,37 @@ class CoreWorker(GeneratorsAndWaits):
 
     def _read_raylet(self) -> None:
         msgs, lost = self._io.recv_raylet()
+        self._on_raylet_msgs(msgs)
+        if lost:
+            self._closed_by_raylet()
+
+    def _on_raylet_msgs(self, msgs: list[dict]) -> None:
         for msg in msgs:
             rid = msg.get("r")
             slot = self._rpc.pop(rid, None)
             if slot is not None:
                 slot[0] = msg
                 self._cv.notify_all()
+            elif rid is None and msg.get("t") == "lease_token":  # only our raylet says this
+                self._lease_token = msg.get("tok")
+                if self._on_lease_token is not None:
+                    self._on_lease_token(self._lease_token)
             elif rid is None and "t" in msg:
                 self._on_owner_notice(msg)
             else:
                 self._on_raylet_reply(rid, msg)
-        if lost:
-            self._closed_by_raylet()
+
+    def watch_lease_token(self, callback: Any) -> None:
+        """Call ``callback(token)`` with the raylet's current lease token for us,
+        and again (on the I/O thread) each time it changes (a worker's gate)."""
+        with self._lock:
+            self._on_lease_token = callback
+            # What came behind the raylet's answer to our hello, read with it.
+            try:
+                self._on_raylet_msgs(self._io.raylet._decoder.drain())
+            except ProtocolError:
+                pass  # the I/O thread meets the same stream and ends
+            callback(self._lease_token)
 
     def _on_raylet_reply(self, rid: Any, msg: dict, source: RemoteRaylet | None = None) -> None:
         """A reply to an actor creation or a lease request (from ``source`` if not ours)."""

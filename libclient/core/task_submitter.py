@@ -297,6 +297,9 @@ class TaskSubmitter:
                       msg.get("gpus") or [], source)
         cls.leases.append(lease)
         self._io.register(lease)
+        # The worker serves only a connection that opens with the grant's token
+        # (lease_gate.py); the first tasks follow it at once, unanswered.
+        self._io.write(lease, pack({"t": "hi", "tok": msg.get("tok") or b""}))
         self.pump(cls)
 
     # ------------------------------------------------------------ spillback

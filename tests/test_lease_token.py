@@ -1,0 +1,139 @@
+"""A leased worker serves only its lease holder: the grant's token opens the connection.
+
+Security issue 11, with real daemons on a one-CPU node (one worker). A
+same-uid process that connects to a worker's socket and sends half a frame,
+or nothing, must not hold the worker (it used to: the next task then waited
+forever in the listen backlog); one whose first frame is not a hello with
+the current lease's token gets nothing decoded, unpickled or run.
+"""
+
+import glob
+import os
+import socket
+import time
+
+import cloudpickle
+import pytest
+
+import libclient as ray
+from libclient import api, lease_gate, serialization
+from libclient.cluster_utils import Cluster
+from libclient.protocol import HEADER, pack
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        c.connect()
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@ray.remote
+def _one():
+    return 1
+
+
+def _worker_sockets():
+    run = os.path.dirname(ray.nodes()[0]["RayletSocketName"])
+    found = glob.glob(f"{run}/w-*.sock")
+    assert found, os.listdir(run)
+    return found
+
+
+def _raw(path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    return s
+
+
+def _closed_within(sock, seconds):
+    """True if the worker closes ``sock`` within ``seconds`` (it answers nothing)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(4096) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def test_a_silent_or_half_sent_connection_does_not_hold_the_worker(cluster):
+    assert ray.get(_one.remote(), timeout=60) == 1
+    time.sleep(0.3)  # the idle lease goes back: the worker waits for the next holder
+    held = []
+    try:
+        for path in _worker_sockets():
+            half = _raw(path)
+            half.sendall(HEADER.pack(1000) + b"x" * 10)  # half a frame, then nothing
+            silent = _raw(path)
+            held += [half, silent]
+        time.sleep(0.2)  # the worker has them before the next lease's holder connects
+        t0 = time.monotonic()
+        assert ray.get(_one.remote(), timeout=30) == 1
+        assert time.monotonic() - t0 < 3.0, "the next task waited behind a stray connection"
+        for s in held:  # and the strays are cut off after the hello deadline
+            assert _closed_within(s, lease_gate.HELLO_TIMEOUT_S + 5)
+    finally:
+        for s in held:
+            s.close()
+
+
+class _MakesDirWhenUnpickled:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def _task_frame(core, tmp_path):
+    """A well-formed task whose function creates a file and whose argument
+    creates a directory as soon as it is unpickled."""
+    ran, unpickled = str(tmp_path / "ran"), str(tmp_path / "unpickled")
+
+    def touch(_arg):
+        open(ran, "w").close()
+
+    key = core.export_function(cloudpickle.dumps(touch), "touch")
+    args = serialization.serialize(((_MakesDirWhenUnpickled(unpickled),), {})).to_wire()
+    msg = {"t": "task", "tid": os.urandom(16), "fn": key, "name": "touch", "args": args,
+           "nret": 1, "job": core.job_id}
+    return pack(msg), ran, unpickled
+
+
+@pytest.mark.parametrize("hello", [None, {"t": "hi", "tok": b"\0" * 16}, {"t": "hi"}],
+                         ids=["no-hello", "wrong-token", "no-token"])
+def test_a_connection_without_the_lease_token_gets_nothing_run(cluster, tmp_path, hello):
+    core = api._require()
+    frame, ran, unpickled = _task_frame(core, tmp_path)
+    assert ray.get(_one.remote(), timeout=60) == 1
+    time.sleep(0.3)
+    socks = []
+    try:
+        for path in _worker_sockets():
+            s = _raw(path)
+            s.sendall((pack(hello) if hello else b"") + frame)
+            socks.append(s)
+        for s in socks:  # closed at once, or at the hello deadline (a wrong token)
+            assert _closed_within(s, lease_gate.HELLO_TIMEOUT_S + 5)
+        assert not os.path.exists(unpickled), "the worker unpickled a stranger's payload"
+        assert not os.path.exists(ran), "the worker ran a stranger's task"
+        assert ray.get(_one.remote(), timeout=30) == 1  # the worker serves its holders still
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_judge_hello_accepts_only_the_current_token():
+    tok = lease_gate.new_token()
+    assert lease_gate.judge_hello({"t": "hi", "tok": tok}, tok) == lease_gate.OK
+    assert lease_gate.judge_hello({"t": "hi", "tok": tok}, None) == lease_gate.WAIT
+    assert lease_gate.judge_hello({"t": "hi", "tok": lease_gate.new_token()}, tok) == \
+        lease_gate.WAIT
+    for bad in ({"t": "task", "tok": tok}, {"t": "hi"}, {"t": "hi", "tok": "x" * 16},
+                {"t": "hi", "tok": tok[:8]}):
+        assert lease_gate.judge_hello(bad, tok) not in (lease_gate.OK, lease_gate.WAIT)
