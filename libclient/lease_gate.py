@@ -147,9 +147,9 @@ class HolderGate:
                     why = ("its lease token is not the current one" if p.hello is not None
                            else f"no hello within {self.timeout:g} s")
                     self._refuse(p, pending, sel, why)
-        finally:
-            for p in pending.values():
-                p.sock.close()
+        finally:  # the holder is served (or we are stopping): the rest are not it
+            for p in list(pending.values()):
+                self._refuse(p, pending, sel, "the lease holder connected meanwhile")
             sel.close()
 
     def _accept(self, lsock: socket.socket, pending: dict, sel: selectors.BaseSelector) -> None:
@@ -222,12 +222,12 @@ class HolderGate:
         return p.sock, p.decoder
 
     def _refuse(self, p: _Pending, pending: dict, sel: selectors.BaseSelector, why: str) -> None:
-        self._drop(p, pending, sel)
         self.refused += 1
         if self.limiter.should_log(p.peer, "hello"):
             key = "peer_pid" if isinstance(p.peer, int) else "peer"
             self.log.warning("holder_refused", server="worker", reason=why, **{key: p.peer},
                              attempts=self.limiter.count(p.peer, "hello"))
+        self._drop(p, pending, sel)
 
     @staticmethod
     def _drop(p: _Pending, pending: dict, sel: selectors.BaseSelector, close: bool = True

@@ -8,6 +8,7 @@ the current lease's token gets nothing decoded, unpickled or run.
 """
 
 import glob
+import json
 import os
 import socket
 import time
@@ -66,6 +67,18 @@ def test_a_silent_or_half_sent_connection_does_not_hold_the_worker(cluster):
     time.sleep(0.3)  # the idle lease goes back: the worker waits for the next holder
     held = []
     try:
+        # No holder comes: the strays are closed at the hello deadline, and logged.
+        t0 = time.monotonic()
+        strays = [_raw(path) for path in _worker_sockets() for _ in range(2)]
+        held += strays
+        strays[0].sendall(HEADER.pack(1000) + b"x" * 10)
+        for s in strays:
+            assert _closed_within(s, lease_gate.HELLO_TIMEOUT_S + 5)
+        assert time.monotonic() - t0 > lease_gate.HELLO_TIMEOUT_S - 1
+        refused = _logged("holder_refused", cluster)  # once for our pid (two strays)
+        assert [r["peer_pid"] for r in refused] == [os.getpid()], refused
+        assert "no hello within" in refused[0]["reason"]
+        # The next holder comes while strays hold the worker: it is served at once.
         for path in _worker_sockets():
             half = _raw(path)
             half.sendall(HEADER.pack(1000) + b"x" * 10)  # half a frame, then nothing
@@ -75,11 +88,20 @@ def test_a_silent_or_half_sent_connection_does_not_hold_the_worker(cluster):
         t0 = time.monotonic()
         assert ray.get(_one.remote(), timeout=30) == 1
         assert time.monotonic() - t0 < 3.0, "the next task waited behind a stray connection"
-        for s in held:  # and the strays are cut off after the hello deadline
+        for s in held:  # and the strays are cut off (when the holder came, here)
             assert _closed_within(s, lease_gate.HELLO_TIMEOUT_S + 5)
     finally:
         for s in held:
             s.close()
+
+
+def _logged(event, cluster):
+    """The ``event`` lines of every log of the node's session (workers' included)."""
+    lines = []
+    for path in glob.glob(f"{cluster.head_node.session_dir}/**/*.log", recursive=True):
+        with open(path) as f:
+            lines += [json.loads(line) for line in f if f'"{event}"' in line]
+    return lines
 
 
 class _MakesDirWhenUnpickled:
