@@ -96,7 +96,7 @@ class LeaseToken:
 
 
 class _Pending:
-    __slots__ = ("sock", "decoder", "deadline", "peer", "hello")
+    __slots__ = ("sock", "decoder", "deadline", "peer", "hello", "shaking")
 
     def __init__(self, sock: socket.socket, peer: Any, deadline: float) -> None:
         self.sock = sock
@@ -104,6 +104,7 @@ class _Pending:
         self.deadline = deadline
         self.peer = peer  # pid (local) or host (TCP), for the log
         self.hello: dict[str, Any] | None = None  # read, its token not (yet) current
+        self.shaking = isinstance(sock, ssl.SSLSocket)  # TLS handshake still to finish
 
 
 class HolderGate:
@@ -145,6 +146,7 @@ class HolderGate:
                 now = time.monotonic()
                 for p in [p for p in pending.values() if p.deadline <= now]:
                     why = ("its lease token is not the current one" if p.hello is not None
+                           else f"no TLS handshake within {self.timeout:g} s" if p.shaking
                            else f"no hello within {self.timeout:g} s")
                     self._refuse(p, pending, sel, why)
         finally:  # the holder is served (or we are stopping): the rest are not it
@@ -160,26 +162,27 @@ class HolderGate:
         cred = self.local.admit(conn)
         if cred is None:
             return
+        conn.setblocking(False)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                conn = security.accept_tls(conn)  # at most HANDSHAKE_TIMEOUT_S
-            except security.AuthError as exc:
-                self.log.warning("auth_failed", error=str(exc))
-                return
+            # TLS (with the cluster's keys): its handshake runs in this
+            # selector too, within the hello's deadline, so a TCP peer that
+            # stalls in it holds nobody else up either.
+            conn = security.server_wrap(conn)
             peer: Any = addr[0] if isinstance(addr, tuple) else "?"
         else:
             peer = cred.pid
         if len(pending) >= _PENDING_MAX:
             oldest = min(pending.values(), key=lambda p: p.deadline)
             self._refuse(oldest, pending, sel, "too many connections without a hello")
-        conn.setblocking(False)
         p = _Pending(conn, peer, time.monotonic() + self.timeout)
         pending[conn] = p
         sel.register(conn, selectors.EVENT_READ, p)
 
     def _read(self, p: _Pending, pending: dict, sel: selectors.BaseSelector) -> bool:
         """Take what ``p`` sent; True once it showed the current token."""
+        if p.shaking and not self._handshake(p, pending, sel):
+            return False
         while True:
             try:
                 data = p.sock.recv(1 << 16)
@@ -205,6 +208,27 @@ class HolderGate:
                 if p.sock in pending:  # waits for the raylet's word: read no more meanwhile
                     sel.unregister(p.sock)
                 return False
+
+    def _handshake(self, p: _Pending, pending: dict, sel: selectors.BaseSelector) -> bool:
+        """Advance ``p``'s TLS handshake; True once it is done."""
+        try:
+            p.sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            sel.modify(p.sock, selectors.EVENT_READ, p)
+            return False
+        except ssl.SSLWantWriteError:
+            sel.modify(p.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, p)
+            return False
+        except (OSError, ValueError) as exc:
+            if self.limiter.should_log(p.peer, "tls"):
+                self.log.warning("auth_failed", peer=p.peer,
+                                 error=f"TLS handshake from {p.peer} failed: {exc}",
+                                 attempts=self.limiter.count(p.peer, "tls"))
+            self._drop(p, pending, sel)
+            return False
+        p.shaking = False
+        sel.modify(p.sock, selectors.EVENT_READ, p)
+        return True
 
     def _judge(self, p: _Pending, pending: dict, sel: selectors.BaseSelector) -> bool:
         verdict = judge_hello(p.hello or {}, self.token.current())

@@ -14,6 +14,7 @@ import socket
 import time
 
 import cloudpickle
+import psutil
 import pytest
 
 import libclient as ray
@@ -89,6 +90,28 @@ def test_a_silent_or_half_sent_connection_does_not_hold_the_worker(cluster):
         assert ray.get(_one.remote(), timeout=30) == 1
         assert time.monotonic() - t0 < 3.0, "the next task waited behind a stray connection"
         for s in held:  # and the strays are cut off (when the holder came, here)
+            assert _closed_within(s, lease_gate.HELLO_TIMEOUT_S + 5)
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_tcp_peer_stalled_in_the_tls_handshake_does_not_hold_the_worker(cluster):
+    assert ray.get(_one.remote(), timeout=60) == 1
+    time.sleep(0.3)
+    raylet = psutil.Process(cluster.head_node.daemon_pid("raylet"))
+    ports = [(c.laddr.ip, c.laddr.port) for w in raylet.children()
+             for c in w.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    assert ports, "the worker listens on TCP for holders on other nodes"
+    held = []
+    try:
+        for addr in ports:  # connect, start no handshake, send nothing
+            held.append(socket.create_connection(addr, timeout=5))
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        assert ray.get(_one.remote(), timeout=30) == 1
+        assert time.monotonic() - t0 < 3.0, "the next task waited behind a TLS handshake"
+        for s in held:
             assert _closed_within(s, lease_gate.HELLO_TIMEOUT_S + 5)
     finally:
         for s in held:
