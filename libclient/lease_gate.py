@@ -117,17 +117,23 @@ class HolderGate:
         self.local = peer_guard.LocalGate(log, "worker")  # SO_PEERCRED on local peers
         self.limiter = LogOncePerPeer()
         self.refused = 0
+        self._sel: selectors.BaseSelector | None = None  # kept: one per lease would cost
+
+    def _selector(self, listeners: list[socket.socket]) -> selectors.BaseSelector:
+        if self._sel is None:
+            self._sel = selectors.DefaultSelector()
+            for lsock in listeners:
+                self._sel.register(lsock, selectors.EVENT_READ, None)
+            self._sel.register(self.token.wake_r, selectors.EVENT_READ, "token")
+        return self._sel
 
     def next_holder(self, listeners: list[socket.socket]) -> tuple[socket.socket, FrameDecoder]:
         """The next connection that opened with the current token (blocking, in
         the mode it was accepted in), and its decoder holding whatever the
         holder sent behind the hello (tasks, pipelined)."""
         pending: dict[socket.socket, _Pending] = {}
-        sel = selectors.DefaultSelector()
+        sel = self._selector(listeners)
         try:
-            for lsock in listeners:
-                sel.register(lsock, selectors.EVENT_READ, None)
-            sel.register(self.token.wake_r, selectors.EVENT_READ, "token")
             while True:
                 now = time.monotonic()
                 timeout = min((p.deadline for p in pending.values()), default=now + 3600) - now
@@ -152,7 +158,6 @@ class HolderGate:
         finally:  # the holder is served (or we are stopping): the rest are not it
             for p in list(pending.values()):
                 self._refuse(p, pending, sel, "the lease holder connected meanwhile")
-            sel.close()
 
     def _accept(self, lsock: socket.socket, pending: dict, sel: selectors.BaseSelector) -> None:
         try:
