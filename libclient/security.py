@@ -324,6 +324,10 @@ class TlsSocket(ssl.SSLSocket):
         except ssl.SSLError as exc:
             raise self._failed(exc) from None
         if 0 < len(data) < buflen:
+            skip = getattr(self, "_drain_skip", 0)
+            if skip:
+                self._drain_skip = skip - 1
+                return data
             return self._drain(data, buflen)
         return data
 
@@ -333,12 +337,15 @@ class TlsSocket(ssl.SSLSocket):
         One ``SSL_read`` returns one TLS record. A peer that sends many small
         frames (calls, replies) sends many records, and handing them to the
         caller's loop one at a time cost ~2x the CPU per remote call of a
-        plain socket, whose one ``recv`` returns all of them. Never blocks:
+        plain socket, whose one ``recv`` returns all of them. A drain that
+        finds nothing costs a syscall, so misses back off (:meth:`_drain_missed`)
+        and a hit resets that. Never blocks:
         a blocking socket is checked with ``poll`` first and read
         non-blocking; a partly arrived record stays in OpenSSL for next time.
         """
         nonblocking = self.gettimeout() == 0.0
         if not nonblocking and not self.pending() and not _readable_now(self):
+            self._drain_missed()
             return first
         parts, have = [first], len(first)
         if not nonblocking:
@@ -357,7 +364,18 @@ class TlsSocket(ssl.SSLSocket):
         finally:
             if not nonblocking:
                 self.settimeout(saved)
-        return b"".join(parts) if len(parts) > 1 else first
+        if len(parts) == 1:
+            self._drain_missed()
+            return first
+        self._drain_misses = 0
+        return b"".join(parts)
+
+    def _drain_missed(self) -> None:
+        """A drain found nothing more: one call at a time (synchronous calls)
+        pays a syscall per read for it, so back off (1, 2, 4 ... 32 reads)."""
+        misses = getattr(self, "_drain_misses", 0) + 1
+        self._drain_misses = misses
+        self._drain_skip = min(1 << (misses - 1), 32)
 
     def _failed(self, exc: ssl.SSLError) -> OSError:
         """A failed handshake names the peer (the daemons log it as refused)."""
