@@ -20,14 +20,17 @@ import os
 import selectors
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from libclient import peer_guard, security, serialization, spin
 from libclient.call_check import malformed_call
+from libclient.peer_policy import LogOncePerPeer
 from libclient.protocol import FrameDecoder, ProtocolError, pack
 
 _DEFAULT_ASYNC_CONCURRENCY = 1000
+_SHAKING_MAX = 64  # TCP peers in their TLS handshake at once; the oldest goes first
 
 
 class _Caller:
@@ -44,6 +47,20 @@ class _Caller:
                 self.sock.sendall(pack(msg))
             except OSError:
                 pass  # the caller went away; its calls are its own loss
+
+
+class _Handshake:
+    """A TCP peer whose TLS handshake runs in the serve loop's selector, so a
+    peer that stalls in it (no keys needed to connect) holds no caller up."""
+
+    __slots__ = ("sock", "peer", "deadline", "timeout")
+
+    def __init__(self, sock: socket.socket, peer: str, deadline: float,
+                 timeout: float | None) -> None:
+        self.sock = sock
+        self.peer = peer  # host, for the log
+        self.deadline = deadline
+        self.timeout = timeout  # the socket's own, given back once it is a caller
 
 
 class ActorHost:
@@ -70,6 +87,7 @@ class ActorHost:
         self._group_sizes: dict[str, int] = {str(k): max(1, int(v)) for k, v in groups.items()
                                              if isinstance(v, int) and not isinstance(v, bool)}
         self._groups: dict[str, Any] | None = None
+        self._tls_log = LogOncePerPeer()  # failed TLS handshakes, per host
 
     @classmethod
     def create(cls, runner: Any, msg: dict) -> ActorHost:
@@ -108,7 +126,11 @@ class ActorHost:
     # ------------------------------------------------------------- serving
     def serve(self, listen: socket.socket, *more: socket.socket) -> None:
         """Accept callers (on the Unix socket, and ``more``: the TCP port other
-        nodes call on) and run their calls until the process is killed."""
+        nodes call on) and run their calls until the process is killed.
+
+        A TCP peer's TLS handshake runs in this loop's selector, non-blocking,
+        within :data:`security.HANDSHAKE_TIMEOUT_S`: a blocking one let any
+        peer that connected and sent nothing stall every caller for 5 s."""
         self.runner.conn = None  # cancellation by SIGINT is for tasks only
         if self.is_async:
             self._start_loop()
@@ -122,55 +144,116 @@ class ActorHost:
             sel.register(lsock, selectors.EVENT_READ, None)
         # Local callers must be our uid (or the allowed group): SO_PEERCRED.
         gate, cap = peer_guard.LocalGate(self.runner.log, "actor"), peer_guard.limits()
+        shaking: dict[socket.socket, _Handshake] = {}  # TCP peers not yet callers
         # A plain sync actor runs calls in this thread, so it may spin for the
         # next one; async and threaded actors must leave the GIL to their workers.
         wait = spin.wait_selector if not self.is_async and self._pool is None else _block
         while True:
-            for key, _ in wait(sel):
+            timeout = None  # wake up in time for the first handshake deadline
+            if shaking:
+                timeout = max(0.0, min(h.deadline for h in shaking.values()) - time.monotonic())
+            for key, _ in wait(sel, timeout=timeout):
                 if key.data is None:
                     try:
-                        sock, _ = key.fileobj.accept()  # type: ignore[union-attr]
+                        sock, addr = key.fileobj.accept()  # type: ignore[union-attr]
                     except OSError:
                         continue
                     if gate.admit(sock) is None:
                         continue
-                    if not cap.admit(len(sel.get_map()) - 1 - len(more)):
+                    if not cap.admit(len(sel.get_map()) - 1 - len(more) - len(shaking)):
                         sock.close()  # at the cap: the callers we serve come first
                         continue
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
                     if sock.family != socket.AF_UNIX:
                         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        try:
-                            sock = security.accept_tls(sock)
-                        except OSError as exc:
-                            self.runner.log.warning("auth_failed", error=str(exc))
-                            continue
+                        self._start_handshake(sock, addr, sel, shaking)
+                        continue
                     sel.register(sock, selectors.EVENT_READ, _Caller(sock))
-                    continue
-                caller: _Caller = key.data
-                try:
-                    data = caller.sock.recv(1 << 20)
-                except OSError:
-                    data = b""
-                if data:
-                    caller.decoder.feed(data)
-                    try:
-                        msgs = caller.decoder.drain()
-                    except ProtocolError as exc:
+                elif isinstance(key.data, _Handshake):
+                    if key.data.sock in shaking:  # not closed earlier in this batch
+                        self._handshake(key.data, sel, shaking)
+                else:
+                    self._read(key.data, sel)
+            if shaking:
+                now = time.monotonic()
+                for h in [h for h in shaking.values() if h.deadline <= now]:
+                    self._end_handshake(h, sel, shaking, "no TLS handshake within "
+                                        f"{security.HANDSHAKE_TIMEOUT_S:g} s")
+
+    def _read(self, caller: _Caller, sel: selectors.BaseSelector) -> None:
+        """Take what ``caller`` sent and dispatch its calls; close it when it
+        is gone or sent something malformed."""
+        try:
+            data = caller.sock.recv(1 << 20)
+        except OSError:
+            data = b""
+        if data:
+            caller.decoder.feed(data)
+            try:
+                msgs = caller.decoder.drain()
+            except ProtocolError as exc:
+                self.runner.log.warning("bad_message", peer="actor caller",
+                                        actor_id=self.actor_id.hex(), error=str(exc))
+                data, msgs = b"", []
+            for msg in msgs:
+                if msg["t"] == "call":
+                    if (why := malformed_call(msg)) is not None:  # call_check
                         self.runner.log.warning("bad_message", peer="actor caller",
-                                                actor_id=self.actor_id.hex(), error=str(exc))
-                        data, msgs = b"", []
-                    for msg in msgs:
-                        if msg["t"] == "call":
-                            if (why := malformed_call(msg)) is not None:  # call_check
-                                self.runner.log.warning("bad_message", peer="actor caller",
-                                                        actor_id=self.actor_id.hex(), error=why)
-                                data = b""  # close this caller; the actor serves on
-                                break
-                            self._dispatch(caller, msg)
-                if not data:
-                    sel.unregister(caller.sock)
-                    caller.sock.close()
+                                                actor_id=self.actor_id.hex(), error=why)
+                        data = b""  # close this caller; the actor serves on
+                        break
+                    self._dispatch(caller, msg)
+        if not data:
+            sel.unregister(caller.sock)
+            caller.sock.close()
+
+    # ------------------------------------------------------- TLS handshakes
+    def _start_handshake(self, sock: socket.socket, addr: Any, sel: selectors.BaseSelector,
+                         shaking: dict[socket.socket, _Handshake]) -> None:
+        """Wrap an accepted TCP socket; its handshake runs as its bytes come."""
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        tls = security.server_wrap(sock)
+        if tls is sock:  # no keys in force: a caller at once
+            sock.settimeout(timeout)
+            sel.register(sock, selectors.EVENT_READ, _Caller(sock))
+            return
+        if len(shaking) >= _SHAKING_MAX:
+            oldest = min(shaking.values(), key=lambda h: h.deadline)
+            self._end_handshake(oldest, sel, shaking, "too many TLS handshakes at once")
+        peer = addr[0] if isinstance(addr, tuple) else "?"
+        h = _Handshake(tls, peer, time.monotonic() + security.HANDSHAKE_TIMEOUT_S, timeout)
+        shaking[tls] = h
+        sel.register(tls, selectors.EVENT_READ, h)
+        self._handshake(h, sel, shaking)  # the ClientHello may be here already
+
+    def _handshake(self, h: _Handshake, sel: selectors.BaseSelector,
+                   shaking: dict[socket.socket, _Handshake]) -> None:
+        try:
+            events = security.handshake_step(h.sock)
+        except (OSError, ValueError) as exc:
+            self._end_handshake(h, sel, shaking, f"TLS handshake from {h.peer} failed: {exc}")
+            return
+        if events:
+            sel.modify(h.sock, events, h)
+            return
+        del shaking[h.sock]  # done: a caller now, in the blocking mode it was accepted in
+        h.sock.settimeout(h.timeout)
+        caller = _Caller(h.sock)
+        sel.modify(h.sock, selectors.EVENT_READ, caller)
+        if h.sock.pending():  # type: ignore[attr-defined]  # calls came with the handshake
+            self._read(caller, sel)
+
+    def _end_handshake(self, h: _Handshake, sel: selectors.BaseSelector,
+                       shaking: dict[socket.socket, _Handshake], why: str) -> None:
+        """Close a peer that did not finish its handshake (logged once per host,
+        then at the 10th, 100th, ... time)."""
+        del shaking[h.sock]
+        sel.unregister(h.sock)
+        h.sock.close()
+        if self._tls_log.should_log(h.peer, "tls"):
+            self.runner.log.warning("auth_failed", peer=h.peer, error=why,
+                                    attempts=self._tls_log.count(h.peer, "tls"))
 
     def _method(self, name: str) -> Any:
         fn = self._methods.get(name)
@@ -253,5 +336,5 @@ def _failed_call(msg: dict, exc: BaseException) -> dict:
             "rets": [["v", wire]] * msg.get("nret", 1)}
 
 
-def _block(sel: selectors.BaseSelector) -> list[Any]:
-    return sel.select()
+def _block(sel: selectors.BaseSelector, timeout: float | None = None) -> list[Any]:
+    return sel.select(timeout)

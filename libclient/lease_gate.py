@@ -217,13 +217,7 @@ class HolderGate:
     def _handshake(self, p: _Pending, pending: dict, sel: selectors.BaseSelector) -> bool:
         """Advance ``p``'s TLS handshake; True once it is done."""
         try:
-            p.sock.do_handshake()  # type: ignore[attr-defined]
-        except ssl.SSLWantReadError:
-            sel.modify(p.sock, selectors.EVENT_READ, p)
-            return False
-        except ssl.SSLWantWriteError:
-            sel.modify(p.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, p)
-            return False
+            events = security.handshake_step(p.sock)
         except (OSError, ValueError) as exc:
             if self.limiter.should_log(p.peer, "tls"):
                 self.log.warning("auth_failed", peer=p.peer,
@@ -231,9 +225,9 @@ class HolderGate:
                                  attempts=self.limiter.count(p.peer, "tls"))
             self._drop(p, pending, sel)
             return False
-        p.shaking = False
-        sel.modify(p.sock, selectors.EVENT_READ, p)
-        return True
+        sel.modify(p.sock, events or selectors.EVENT_READ, p)
+        p.shaking = bool(events)
+        return not events
 
     def _judge(self, p: _Pending, pending: dict, sel: selectors.BaseSelector) -> bool:
         verdict = judge_hello(p.hello or {}, self.token.current())

@@ -51,6 +51,7 @@ import hashlib
 import hmac
 import os
 import select
+import selectors
 import socket
 import ssl
 import threading
@@ -484,6 +485,24 @@ def server_wrap(sock: socket.socket, keys: ClusterKeys | None = None, *,
         return bulk_link.server_socket(sock, keys)  # type: ignore[return-value]
     return keys.server_context().wrap_socket(sock, server_side=True,
                                              do_handshake_on_connect=False)
+
+
+def handshake_step(sock: socket.socket) -> int:
+    """Advance the handshake of a non-blocking :func:`server_wrap` socket (for
+    servers that run many peers' handshakes in one selector, so a stalled
+    peer holds nobody up). The selector events to wait for next, or 0 once it
+    is done.
+
+    Raises:
+        OSError, ValueError: the handshake failed (the caller closes the socket).
+    """
+    try:
+        sock.do_handshake()  # type: ignore[attr-defined]
+    except ssl.SSLWantReadError:
+        return selectors.EVENT_READ
+    except ssl.SSLWantWriteError:
+        return selectors.EVENT_READ | selectors.EVENT_WRITE
+    return 0
 
 
 def client_wrap(sock: socket.socket, keys: ClusterKeys | None = None, *, bulk: bool = False,

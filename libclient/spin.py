@@ -100,13 +100,16 @@ def recv(sock: socket.socket, size: int, spin_s: float = SPIN_S,
     return sock.recv(size)
 
 
-def wait_selector(sel: selectors.BaseSelector, spin_s: float = SPIN_S) -> list[Any]:
-    """``sel.select()`` (no timeout), spinning briefly before it blocks.
+def wait_selector(sel: selectors.BaseSelector, spin_s: float = SPIN_S,
+                  timeout: float | None = None) -> list[Any]:
+    """``sel.select(timeout)`` (None: no limit), spinning briefly before it blocks.
 
     Only for a thread that has the process to itself: spinning holds the
     GIL between polls, which would slow threads doing the actual work.
     """
     spin_s = _SELECT.window(spin_s)
+    if timeout is not None:
+        spin_s = min(spin_s, timeout)
     end = time.perf_counter() + spin_s
     while spin_s:
         events = sel.select(0)
@@ -116,4 +119,6 @@ def wait_selector(sel: selectors.BaseSelector, spin_s: float = SPIN_S) -> list[A
         if time.perf_counter() >= end:
             _SELECT.record(False)
             break
-    return sel.select()
+    if spin_s and timeout is not None and timeout <= spin_s:
+        return []  # spun for all of it
+    return sel.select(None if timeout is None else timeout - spin_s)

@@ -8,6 +8,7 @@ tampered and replayed TLS records, oversized frames, a connection flood.
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import ssl
@@ -517,3 +518,47 @@ def test_a_connection_flood_does_not_take_a_daemon_down(cluster):
             s.close()
     assert raylet.is_running()
     assert ray.get(_sum.remote(3), timeout=60) == 3
+
+
+def _half_client_hello() -> bytes:
+    """The first half of a real TLS ClientHello (a handshake that never ends)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = out.read()
+    return hello[: len(hello) // 2]
+
+
+def test_strangers_stalled_in_the_tls_handshake_do_not_hold_an_actor(cluster):
+    """An actor's TLS handshakes run in its selector: silent TCP peers (no
+    keys needed) cost its callers nothing, and are closed at the deadline."""
+    counter = _Counter.remote()
+    assert ray.get(counter.add.remote(1), timeout=60) == 1
+    from libclient import api
+    rec = api._require()._actors.actors[counter._actor_id]
+    addr = _host_port(rec.address)
+    held = []
+    try:
+        for _ in range(3):
+            held.append(socket.create_connection(addr, timeout=5))
+        held.append(socket.create_connection(addr, timeout=5))
+        held[-1].sendall(_half_client_hello())
+        time.sleep(0.2)  # the actor has accepted them all
+        t0 = time.monotonic()
+        assert ray.get(counter.add.remote(1), timeout=60) == 2
+        took = time.monotonic() - t0
+        assert took < 1.0, f"the call waited {took:.1f} s behind strangers' handshakes"
+        for s in held:  # closed at the handshake deadline
+            assert _refused(s, security.HANDSHAKE_TIMEOUT_S + 5)
+        assert time.monotonic() - t0 < security.HANDSHAKE_TIMEOUT_S + 3
+        assert ray.get(counter.add.remote(1), timeout=60) == 3
+        logged = [line for node in cluster.list_all_nodes()
+                  for path in glob.glob(f"{node.session_dir}/**/*.log", recursive=True)
+                  for line in open(path) if '"auth_failed"' in line and "no TLS handshake" in line]
+        assert len(logged) == 1, logged  # once for our host (four strays)
+    finally:
+        for s in held:
+            s.close()
