@@ -101,6 +101,7 @@ class EmbeddedCluster:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+                shutil.rmtree(self.session_dir, ignore_errors=True)  # it had no time to
 
 
 def _read_ready(fd: int, timeout: float, proc: subprocess.Popen | None = None) -> dict[str, Any]:

@@ -115,6 +115,10 @@ class Cluster:
         self.head_node: Node | None = None
         self.worker_nodes: set[Node] = set()
         self.connected = False
+        # Every node's runtime directory, removed ones too: a node killed with
+        # SIGKILL (a host losing power) leaves its sockets and logs behind,
+        # and the test that killed it may still read those logs.
+        self._session_dirs: list[str] = []
         if initialize_head:
             self.add_node(**(head_node_args or {}))
             if connect:
@@ -152,6 +156,7 @@ class Cluster:
             node_timeout_s=args.get("node_timeout_s") if head else None,
             keys_dir=self.keys_dir or self._saved_keys_env or "none")
         node = Node(launcher, head, args)
+        self._session_dirs.append(node.session_dir)
         if head:
             self.head_node = node
         else:
@@ -215,6 +220,9 @@ class Cluster:
         if self.head_node is not None:
             self.head_node.stop()
             self.head_node = None
+        for path in self._session_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self._session_dirs.clear()
         self._forget_keys()
 
     def _forget_keys(self) -> None:

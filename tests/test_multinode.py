@@ -423,3 +423,17 @@ def test_a_task_goes_to_the_node_holding_its_big_argument(cluster):
     # The head (1 CPU, idle) would take it by default; 20 MB on the worker node wins.
     for _ in range(3):
         assert ray.get(use.remote(big), timeout=60) == (20_000_000, worker)
+
+
+def test_shutdown_removes_the_runtime_dirs_of_killed_nodes():
+    """A node SIGKILLed whole (its launcher too) cannot clean up after itself:
+    the cluster that started it removes its sockets and logs at shutdown."""
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        node = c.add_node(num_cpus=1)
+        dirs = [c.head_node.session_dir, node.session_dir]
+        c.remove_node(node, allow_graceful=False)
+        assert os.path.exists(node.session_dir)  # left behind by the kill
+    finally:
+        c.shutdown()
+    assert [d for d in dirs if os.path.exists(d)] == []
